@@ -1,0 +1,272 @@
+"""Config dataclasses and the machinery that fills them from YAML and `key.sub=value` overrides.
+
+Every field is declared with `option(default, "help")`, so the dataclass tree is the single place where
+a setting, its default and its documentation live; `raft run --help` prints it. Modalities subclass
+`RaftConfig` and add their own sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from raft.errors import ConfigError
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        proto = default
+        return field(default_factory=lambda: _copy(proto), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+@dataclass
+class SelectionConfig:
+    """Which scored samples are kept for fine-tuning."""
+
+    strategy: Literal["local", "global", "threshold"] = option(
+        "local",
+        "local: best `keep_per_prompt` of the K samples of each prompt; global: best `top_fraction` "
+        "of all samples of the iteration, across prompts; threshold: every sample with reward >= "
+        "`min_reward`.",
+    )
+    keep_per_prompt: int = option(1, "Samples kept per prompt by the local strategy (m of K).")
+    top_fraction: float = option(0.125, "Fraction of all samples kept by the global strategy (1/K in the RAFT paper).")
+    min_reward: float | None = option(
+        None, "Reward floor: required by the threshold strategy, an extra filter for the others (null: none)."
+    )
+
+
+@dataclass
+class RaftConfig:
+    """Settings of the RAFT loop shared by every modality."""
+
+    modality: str = option("text", "Which modality runs: text or diffusion (or a registered plug-in).")
+    run_dir: str = option("", "Run directory. Empty: runs/<modality>-<date>-<time>.")
+    seed: int = option(0, "Seed of everything random: prompt order, sampling, fine-tuning, evaluation.")
+    iterations: int = option(4, "RAFT iterations (generate -> rank -> select -> fine-tune -> evaluate).")
+    prompts_per_iteration: int = option(16, "Prompts drawn per iteration (b in the paper).")
+    samples_per_prompt: int = option(8, "Samples generated per prompt (K in the paper).")
+    keep_checkpoints: int = option(1, "Checkpoints kept in the run directory (newest first); >= 1 so a run can resume.")
+    selection: SelectionConfig = option(SelectionConfig(), "Selection of the kept set.")
+
+    def validate(self) -> None:
+        """Range checks that types alone cannot express; subclasses extend it."""
+        _check(self.iterations >= 0, "iterations", "must be >= 0")
+        _check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
+        _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        sel = self.selection
+        _check(1 <= sel.keep_per_prompt <= self.samples_per_prompt, "selection.keep_per_prompt",
+               f"must be between 1 and samples_per_prompt ({self.samples_per_prompt})")
+        _check(0.0 < sel.top_fraction <= 1.0, "selection.top_fraction", "must be in (0, 1]")
+        _check(sel.strategy != "threshold" or sel.min_reward is not None, "selection.min_reward",
+               "is required by the threshold strategy")
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config: {name} {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def to_dict(config: Any) -> Any:
+    """The plain-data form of a config (what config.yaml holds)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from plain data, naming the offending field on any mismatch."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path or 'top level'} must be a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values = {}
+    for key, value in data.items():
+        name = f"{path}{key}"
+        if key not in known:
+            raise ConfigError(f"config: unknown key '{name}' (known here: {', '.join(known)})")
+        values[key] = _convert(hints[key], value, name)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option_type in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option_type, value, name)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"config: {name} must be {_type_name(hint)}, got {_show(value)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config: {name} must be one of {', '.join(map(str, args))}; got {_show(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {name} must be a list, got {_show(value)}")
+        return [_convert(args[0], v, f"{name}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {name} must be a mapping, got {_show(value)}")
+        return dict(value)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, f"{name}.")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config type {hint!r} for {name}")
+    raise ConfigError(f"config: {name} must be {_type_name(hint)}, got {_show(value)}")
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in names:
+        return names[hint]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args) + (" or null" if len(args) < len(typing.get_args(hint)) else "")
+    return getattr(hint, "__name__", str(hint))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML files and command-line overrides
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Any:
+    """Defaults of `cls` <- `base` (a saved config) <- YAML file <- `key.sub=value` overrides, validated."""
+    data = to_dict(cls())
+    if base is not None:
+        data = _merge(data, base)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config: '{path}' is not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: '{path}' must hold a mapping of settings")
+        data = _merge(data, loaded)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"config: override '{override}' is not of the form key.sub=value")
+        _set_path(data, key.strip(), _parse_value(raw))
+    config = from_dict(cls, data)
+    config.validate()
+    return config
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _merge(base: Any, update: Any) -> Any:
+    """Mappings merge key by key; anything else (lists included) replaces."""
+    if isinstance(base, dict) and isinstance(update, dict):
+        merged = dict(base)
+        for key, value in update.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    return update
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    node: Any = data
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"config: '{where}' is not an index of a list of {len(node)} entries")
+            index = int(part)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if part not in node:
+                    raise ConfigError(f"config: unknown key '{where}'")
+                if node[part] is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"config: '{'.'.join(parts[:depth])}' has no sub-keys (override '{dotted}')")
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One help line per leaf field: `name (type, default X): help`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(hint):
+            lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
+            lines += describe(hint, f"{prefix}{f.name}.")
+            continue
+        inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
+        shown = yaml.safe_dump(to_dict(value), default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+        lines.append(f"{prefix}{f.name} (default {shown}): {f.metadata.get('help', '')}")
+        if inner is not None and dataclasses.is_dataclass(inner):
+            lines += describe(inner, f"{prefix}{f.name}.N.")
+    return lines
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, width=100)

@@ -1,0 +1,100 @@
+"""The modality interface: what the RAFT loop needs from a modality, and nothing more.
+
+A modality (a folder under raft/modalities/, or a plug-in registered under the `raft.modalities`
+entry-point group) provides a config class and a `build` function returning `Components`. The loop in
+raft/loop.py only talks to these types, so it never knows whether it aligns text or images.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from raft.config import RaftConfig
+
+
+@dataclass
+class Sample:
+    """One generated output and everything the loop learns about it."""
+
+    prompt_index: int  # position of its prompt in the iteration's prompt batch
+    prompt: str  # the prompt fine-tuning sees (never a sampling-only "magic" prompt)
+    output: Any  # str for text, an image for diffusion
+    meta: dict[str, Any] = field(default_factory=dict)  # provenance: generator, prompt_sent, settings, ...
+    reward: float = math.nan
+    rewards: dict[str, float] = field(default_factory=dict)  # per-ranker scores when rankers are combined
+    discard_reason: str | None = None  # set by a discard rule: never selected
+    selected: bool = False
+
+
+class Generator(ABC):
+    """Produces K samples per prompt."""
+
+    name: str = "generator"
+
+    @abstractmethod
+    def generate(self, prompts: list[str], samples_per_prompt: int, seed: int) -> list[Sample]:
+        """Return `samples_per_prompt` samples for each prompt, grouped by prompt, reproducible from `seed`."""
+
+
+class Ranker(ABC):
+    """Scores samples; higher is better. Scoring is batched: one call gets a whole iteration."""
+
+    name: str = "ranker"
+
+    @abstractmethod
+    def score(self, samples: list[Sample]) -> list[float]:
+        """One finite float per sample, in order."""
+
+
+class FineTuner(ABC):
+    """Updates the policy on the selected samples with a supervised loss."""
+
+    @abstractmethod
+    def finetune(self, selected: list[Sample], seed: int) -> dict[str, float]:
+        """Train on `selected`; return metrics such as the mean loss."""
+
+    @abstractmethod
+    def save_checkpoint(self, directory: Path) -> None:
+        """Write everything needed to resume (weights or adapter, optimizer state if carried)."""
+
+
+class Evaluator(ABC):
+    """Modality metrics on the policy's held-out samples (the loop computes their reward itself)."""
+
+    @abstractmethod
+    def evaluate(self, eval_samples: list[Sample]) -> dict[str, float]:
+        """Metrics such as perplexity on reference data, diversity and length."""
+
+
+DiscardRule = Callable[[Sample], "str | None"]  # returns why a sample is discarded, or None to keep it
+
+
+@dataclass
+class Components:
+    """What a modality builds for one run."""
+
+    prompts: list[str]  # the training prompt pool
+    eval_prompts: list[str]  # held-out prompts, never trained on
+    generator: Generator  # produces the training samples (the policy, or anything else)
+    policy: Generator  # the policy itself: samples held-out prompts for evaluation
+    ranker: Ranker
+    finetuner: FineTuner
+    evaluator: Evaluator
+    discard_rules: list[DiscardRule] = field(default_factory=list)
+    eval_samples_per_prompt: int = 1
+    eval_seed: int = 0
+    # turns a sample's output into JSON-able data; may write files (images) under the given folder
+    output_to_record: Callable[[Any, Path, str], Any] = lambda output, folder, key: output
+
+
+class Modality(ABC):
+    name: str
+    config_class: type[RaftConfig] = RaftConfig
+
+    @abstractmethod
+    def build(self, config: RaftConfig, checkpoint: Path | None) -> Components:
+        """Build the run's components; `checkpoint` is the last completed iteration's when resuming."""

@@ -1,0 +1,194 @@
+"""The RAFT loop: generate -> rank -> select -> fine-tune -> evaluate -> checkpoint, once for all modalities.
+
+Each stage is one named call on a component the modality built (raft/interface.py). Every stage gets
+its own seed derived from (seed, iteration, stage), so an iteration redone after a kill produces
+exactly what the uninterrupted run produced.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from raft.config import RaftConfig, dump_yaml
+from raft.interface import Components, Sample
+from raft.metrics import mean, plot_metrics, standard_error
+from raft.modalities import get_modality
+from raft.rankers import score_samples
+from raft.rundir import RunDirectory, to_jsonl
+from raft.selection import apply_discard_rules, select
+
+STAGES = ("generate", "rank", "select", "finetune", "evaluate")
+
+
+def run(config: RaftConfig, resume: bool = False) -> Path:
+    """Run (or, with `resume`, continue) the RAFT loop described by `config`; returns the run directory."""
+    modality = get_modality(config.modality)
+    if not config.run_dir:
+        config.run_dir = f"runs/{config.modality}-{datetime.now():%Y%m%d-%H%M%S}"
+    if resume and Path(config.run_dir, "config.yaml").is_file():
+        run_dir = RunDirectory.open_existing(config.run_dir)
+        run_dir.discard_unfinished()
+        run_dir.write_config(dump_yaml(config))
+    else:
+        run_dir = RunDirectory.create(config.run_dir, dump_yaml(config))
+    done = run_dir.completed_iteration
+    if done is not None:
+        print(f"resuming {run_dir.path} after iteration {done}", flush=True)
+
+    parts = modality.build(config, checkpoint=run_dir.latest_checkpoint())
+
+    if done is None:  # measure the starting policy: row 0 of metrics.jsonl
+        started = time.perf_counter()
+        eval_metrics, eval_samples = evaluate(parts)
+        row = {"iteration": 0, **eval_metrics, "time/evaluate": time.perf_counter() - started}
+        run_dir.commit_iteration(0, lambda folder: write_samples(folder, parts, {"eval_samples": eval_samples}),
+                                 row, save_checkpoint=None, keep_checkpoints=config.keep_checkpoints)
+        report(row, config.iterations)
+        done = 0
+
+    for iteration in range(done + 1, config.iterations + 1):
+        stage = Stages(config.seed, iteration)
+        prompts = draw_prompts(parts.prompts, config.prompts_per_iteration, config.seed, iteration)
+        samples = parts.generator.generate(prompts, config.samples_per_prompt, seed=stage("generate"))
+
+        stage("rank")
+        discarded = apply_discard_rules(samples, parts.discard_rules)
+        score_samples(parts.ranker, samples)
+
+        stage("select")
+        selected = select(samples, config.selection)
+
+        train_metrics = parts.finetuner.finetune(selected, seed=stage("finetune")) if selected else {}
+
+        stage("evaluate")
+        eval_metrics, eval_samples = evaluate(parts)
+
+        _kill_point(iteration, "save")
+        row = {
+            "iteration": iteration,
+            "samples": len(samples),
+            "discarded": discarded,
+            "selected": len(selected),
+            "reward/policy_mean": mean(s.reward for s in samples if s.meta.get("generator") == parts.policy.name),
+            "reward/all_mean": mean(s.reward for s in samples),
+            "reward/selected_mean": mean(s.reward for s in selected),
+            **train_metrics,
+            **eval_metrics,
+            **stage.times(),
+        }
+        files = {"samples": samples, "selected": selected, "eval_samples": eval_samples}
+        run_dir.commit_iteration(
+            iteration,
+            lambda folder: write_samples(folder, parts, files),
+            row,
+            save_checkpoint=parts.finetuner.save_checkpoint,
+            keep_checkpoints=config.keep_checkpoints,
+            before_commit=lambda: _kill_point(iteration, "commit"),
+        )
+        plot_metrics(run_dir.metrics(), run_dir.path / "metrics.png")
+        report(row, config.iterations)
+
+    summarize(run_dir)
+    return run_dir.path
+
+
+class Stages:
+    """Starts the named stages of one iteration: times them, gives each its seed, hosts the kill hook."""
+
+    def __init__(self, seed: int, iteration: int):
+        self.seed, self.iteration = seed, iteration
+        self.durations: dict[str, float] = {}
+        self.current, self.started = None, time.perf_counter()
+
+    def __call__(self, name: str) -> int:
+        self._stop()
+        self.current, self.started = name, time.perf_counter()
+        _kill_point(self.iteration, name)
+        return stage_seed(self.seed, self.iteration, name)
+
+    def _stop(self) -> None:
+        if self.current is not None:
+            self.durations[f"time/{self.current}"] = time.perf_counter() - self.started
+
+    def times(self) -> dict[str, float]:
+        self._stop()
+        self.current = None
+        return dict(self.durations)
+
+
+def evaluate(parts: Components) -> tuple[dict, list[Sample]]:
+    """Reward of the policy's own samples on held-out prompts, plus the modality's metrics."""
+    samples = parts.policy.generate(parts.eval_prompts, parts.eval_samples_per_prompt, seed=parts.eval_seed)
+    score_samples(parts.ranker, samples)
+    rewards = [s.reward for s in samples]
+    metrics = {"eval/reward_mean": mean(rewards), "eval/reward_sem": standard_error(rewards)}
+    return {**metrics, **parts.evaluator.evaluate(samples)}, samples
+
+
+def draw_prompts(pool: list[str], count: int, seed: int, iteration: int) -> list[str]:
+    """Prompts of `iteration`: consecutive slices of seeded permutations of the pool, epoch after epoch."""
+    drawn = []
+    for position in range((iteration - 1) * count, iteration * count):
+        epoch, offset = divmod(position, len(pool))
+        order = np.random.default_rng([seed, epoch]).permutation(len(pool))
+        drawn.append(pool[order[offset]])
+    return drawn
+
+
+def stage_seed(seed: int, iteration: int, stage: str) -> int:
+    return int(np.random.SeedSequence([seed, iteration, STAGES.index(stage)]).generate_state(1)[0] >> 1)
+
+
+def write_samples(folder: Path, parts: Components, files: dict[str, list[Sample]]) -> None:
+    for name, samples in files.items():
+        rows = []
+        for index, sample in enumerate(samples):
+            key = f"{name}-{index:05d}"
+            rows.append({
+                "prompt_index": sample.prompt_index,
+                "prompt": sample.prompt,
+                "output": parts.output_to_record(sample.output, folder, key),
+                "reward": sample.reward,
+                "rewards": sample.rewards or None,
+                "discard_reason": sample.discard_reason,
+                "selected": sample.selected,
+                **sample.meta,
+            })
+        (folder / f"{name}.jsonl").write_text(to_jsonl(rows))
+
+
+def report(row: dict, iterations: int) -> None:
+    parts = [f"iteration {row['iteration']}/{iterations}"]
+    for key, label in [("reward/policy_mean", "policy reward"), ("reward/selected_mean", "kept reward"),
+                       ("eval/reward_mean", "held-out reward"), ("train/loss", "loss")]:
+        if isinstance(row.get(key), float):
+            parts.append(f"{label} {row[key]:.4f}")
+    print(" | ".join(parts), flush=True)
+
+
+def summarize(run_dir: RunDirectory) -> None:
+    rows = [r for r in run_dir.metrics() if isinstance(r.get("eval/reward_mean"), float)]
+    if len(rows) >= 1:
+        first, last = rows[0], rows[-1]
+        print(
+            f"held-out reward: {first['eval/reward_mean']:.4f} ± {first.get('eval/reward_sem') or 0:.4f} "
+            f"(iteration {first['iteration']}) -> {last['eval/reward_mean']:.4f} ± {last.get('eval/reward_sem') or 0:.4f} "
+            f"(iteration {last['iteration']}); run directory: {run_dir.path}",
+            flush=True,
+        )
+
+
+def _kill_point(iteration: int, stage: str) -> None:
+    """Testing hook: RAFT_KILL_AT=<iteration>:<stage> SIGKILLs this process there, to prove resume works.
+
+    Stages: generate, rank, select, finetune, evaluate, save (before any file of the iteration is
+    written) and commit (everything written but state.json).
+    """
+    if os.environ.get("RAFT_KILL_AT") == f"{iteration}:{stage}":
+        os.kill(os.getpid(), signal.SIGKILL)

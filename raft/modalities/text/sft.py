@@ -1,0 +1,103 @@
+"""Supervised fine-tuning on the kept (prompt, response) pairs: loss on response tokens only, one example
+per sequence (no packing), token-weighted mean over each optimizer step."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from raft.interface import FineTuner, Sample
+from raft.modalities.text.config import TextFinetuneConfig
+from raft.modalities.text.model import TextPolicy
+
+IGNORE = -100  # label of tokens that carry no loss (prompt and padding)
+
+
+def build_example(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): prompt tokens are labelled IGNORE; long prompts lose their left end first."""
+    response_ids = response_ids[:max_length]
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) - (max_length - len(response_ids))) :]
+    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-pads a micro-batch; padding is masked out of attention and loss."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = [ids + [pad_id] * (width - len(ids)) for ids, _ in examples]
+    labels = [labels + [IGNORE] * (width - len(labels)) for _, labels in examples]
+    mask = [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in examples]
+    as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)
+    return {"input_ids": as_tensor(input_ids), "attention_mask": as_tensor(mask), "labels": as_tensor(labels)}
+
+
+def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the labelled tokens, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]  # token t is predicted from positions < t
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                            ignore_index=IGNORE, reduction="sum")
+    return nll, int((targets != IGNORE).sum())
+
+
+class TextFineTuner(FineTuner):
+    def __init__(self, policy: TextPolicy, config: TextFinetuneConfig, checkpoint: Path | None, progress: bool = True):
+        self.policy, self.config, self.progress = policy, config, progress
+        self.optimizer = None
+        if config.gradient_checkpointing:
+            policy.model.gradient_checkpointing_enable()
+        state = checkpoint / "optimizer.pt" if checkpoint is not None else None
+        if config.carry_optimizer_state and state is not None and state.is_file():
+            self.optimizer = self._new_optimizer()
+            self.optimizer.load_state_dict(torch.load(state, map_location=policy.device, weights_only=True))
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        parameters = [p for p in self.policy.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+
+    def example(self, sample: Sample) -> tuple[list[int], list[int]]:
+        tokenizer = self.policy.tokenizer
+        response = tokenizer(sample.output, add_special_tokens=False)["input_ids"]
+        if sample.meta.get("finished", True):  # teach it to stop only where the sample stopped
+            response = response + [tokenizer.eos_token_id]
+        return build_example(self.policy.encode_prompt(sample.prompt), response, self.config.max_seq_length)
+
+    def finetune(self, selected: list[Sample], seed: int) -> dict[str, float]:
+        config, model = self.config, self.policy.model
+        torch.manual_seed(seed)
+        examples = [self.example(s) for s in selected]
+        optimizer = self.optimizer if self.optimizer is not None else self._new_optimizer()
+        if config.carry_optimizer_state:
+            self.optimizer = optimizer
+        micro = config.batch_size // config.gradient_accumulation_steps
+        order_generator = torch.Generator().manual_seed(seed)
+        steps = [order[i : i + config.batch_size]
+                 for order in (torch.randperm(len(examples), generator=order_generator).tolist() for _ in range(config.epochs))
+                 for i in range(0, len(examples), config.batch_size)]
+
+        model.train()
+        losses = []
+        for step in tqdm(steps, desc=f"fine-tuning on {len(examples)}", disable=not self.progress, leave=False):
+            chunks = [[examples[i] for i in step[j : j + micro]] for j in range(0, len(step), micro)]
+            batches = [collate(chunk, self.policy.tokenizer.pad_token_id, self.policy.device) for chunk in chunks]
+            tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                nll, _ = response_nll(model, batch)
+                (nll / max(tokens, 1)).backward()
+                step_loss += nll.item()
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss / max(tokens, 1))
+        model.eval()
+        return {"train/loss": sum(losses) / len(losses) if losses else math.nan, "train/steps": len(steps)}
+
+    def save_checkpoint(self, directory: Path) -> None:
+        self.policy.model.save_pretrained(directory, safe_serialization=True)  # a peft model saves its adapter only
+        self.policy.tokenizer.save_pretrained(directory)
+        if self.config.carry_optimizer_state and self.optimizer is not None:
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
