@@ -47,7 +47,7 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
         started = time.perf_counter()
         eval_metrics, eval_samples = evaluate(parts)
         row = {"iteration": 0, **eval_metrics, "time/evaluate": time.perf_counter() - started}
-        run_dir.commit_iteration(0, lambda folder: write_samples(folder, parts, {"eval_samples": eval_samples}),
+        run_dir.commit_iteration(0, lambda folder: write_samples(folder, parts, 0, {"eval_samples": eval_samples}),
                                  row, save_checkpoint=None, keep_checkpoints=config.keep_checkpoints)
         report(row, config.iterations)
         done = 0
@@ -85,7 +85,7 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
         files = {"samples": samples, "selected": selected, "eval_samples": eval_samples}
         run_dir.commit_iteration(
             iteration,
-            lambda folder: write_samples(folder, parts, files),
+            lambda folder: write_samples(folder, parts, iteration, files),
             row,
             save_checkpoint=parts.finetuner.save_checkpoint,
             keep_checkpoints=config.keep_checkpoints,
@@ -145,12 +145,13 @@ def stage_seed(seed: int, iteration: int, stage: str) -> int:
     return int(np.random.SeedSequence([seed, iteration, STAGES.index(stage)]).generate_state(1)[0] >> 1)
 
 
-def write_samples(folder: Path, parts: Components, files: dict[str, list[Sample]]) -> None:
+def write_samples(folder: Path, parts: Components, iteration: int, files: dict[str, list[Sample]]) -> None:
     for name, samples in files.items():
         rows = []
         for index, sample in enumerate(samples):
             key = f"{name}-{index:05d}"
             rows.append({
+                "iteration": iteration,
                 "prompt_index": sample.prompt_index,
                 "prompt": sample.prompt,
                 "output": parts.output_to_record(sample.output, folder, key),

@@ -132,16 +132,14 @@ class RunDirectory:
     def commit_iteration(
         self,
         iteration: int,
-        files: dict[str, list[dict]],
+        write_files: Callable[[Path], None],
         metrics_row: dict,
         save_checkpoint: Callable[[Path], None] | None,
         keep_checkpoints: int,
         before_commit: Callable[[], None] = lambda: None,
     ) -> None:
-        """Write iteration `iteration` (JSONL files, checkpoint, metrics row), then mark it complete."""
-        folder = self.path / "iterations" / iteration_name(iteration)
-        self._write_folder(folder, lambda tmp: [
-            (tmp / name).write_text(to_jsonl(rows)) for name, rows in files.items()])
+        """Write iteration `iteration` (its files, checkpoint, metrics row), then mark it complete."""
+        self._write_folder(self.path / "iterations" / iteration_name(iteration), write_files)
         if save_checkpoint is not None:
             self._write_folder(self.checkpoint_dir(iteration), save_checkpoint)
         rows = [row for row in self.metrics() if row["iteration"] < iteration] + [metrics_row]

@@ -107,7 +107,7 @@ class LoraConfig:
 
 @dataclass
 class TextFinetuneConfig:
-    learning_rate: float = option(2e-5, "AdamW learning rate, constant (LMFlow: 2e-5; 2e-4 for gpt2 on IMDB).")
+    learning_rate: float = option(5e-5, "AdamW learning rate, constant (LMFlow: 2e-5; 2e-4 for gpt2 on IMDB).")
     epochs: int = option(2, "Passes over the kept set per iteration (LMFlow: 4).")
     batch_size: int = option(8, "Examples per optimizer step (split into micro-batches by gradient_accumulation_steps).")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")

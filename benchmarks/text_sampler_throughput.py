@@ -1,0 +1,83 @@
+"""Tokens/s of raft's text sampler against LMFlow's way of sampling: `generate(num_return_sequences=K)`
+called one prompt at a time. Same model, prompts, seed and sampling settings, measured in one run.
+
+    .venv/bin/python benchmarks/text_sampler_throughput.py [--prompts 16] [--k 8] [--max-new-tokens 40]
+
+Prints the figures and the ratio; it asserts nothing (a benchmark, not a test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from raft.modalities.text.config import LoraConfig, TextDataConfig, TextGenerationConfig, TextModelConfig
+from raft.modalities.text.data import load_text_data
+from raft.modalities.text.model import load_policy
+from raft.modalities.text.sampler import TextSampler
+
+
+def naive(policy, prompts, k, settings, seed):
+    """LMFlow's loop: one prompt per generate() call, K return sequences."""
+    torch.manual_seed(seed)
+    tokens = 0
+    for prompt in prompts:
+        ids = torch.tensor([policy.encode_prompt(prompt)], device=policy.device)
+        with torch.no_grad():
+            out = policy.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_return_sequences=k,
+                                        do_sample=True, pad_token_id=policy.tokenizer.pad_token_id,
+                                        eos_token_id=sorted(policy.eos_ids), **settings)
+        for row in out[:, ids.shape[1]:].tolist():
+            end = next((j for j, t in enumerate(row) if t in policy.eos_ids), None)
+            tokens += len(row) if end is None else end + 1
+    return tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=64, help="raft sampler: sequences per batch")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    policy = load_policy(TextModelConfig(name_or_path=args.model, device=args.device), LoraConfig(), None)
+    prompts = load_text_data(TextDataConfig()).prompts[: args.prompts]
+    settings = dict(temperature=args.temperature, top_p=1.0, top_k=0, max_new_tokens=args.max_new_tokens)
+    print(f"model {args.model} on {policy.device}, torch threads {torch.get_num_threads()}; "
+          f"{len(prompts)} IMDB prompts x K={args.k}, {args.max_new_tokens} new tokens, temperature {args.temperature}")
+
+    naive(policy, prompts[:1], 2, {**settings, "max_new_tokens": 4}, seed=0)  # warm-up of both paths
+    results = {}
+    for name, run in [
+        ("naive: generate(num_return_sequences=K) per prompt", lambda: naive(policy, prompts, args.k, settings, 0)),
+        ("raft sampler, batched, no shared prefill", lambda: sample(policy, prompts, args, share=False)),
+        ("raft sampler (default: batched + shared prefill)", lambda: sample(policy, prompts, args, share=True)),
+    ]:
+        started = time.perf_counter()
+        tokens = run()
+        seconds = time.perf_counter() - started
+        results[name] = tokens / seconds
+        print(f"{name:52s} {tokens:6d} tokens {seconds:7.1f} s {tokens / seconds:8.1f} tok/s", flush=True)
+    base = results["naive: generate(num_return_sequences=K) per prompt"]
+    for name, rate in list(results.items())[1:]:
+        print(f"ratio {name} / naive: {rate / base:.2f}x")
+
+
+def sample(policy, prompts, args, share: bool) -> int:
+    config = TextGenerationConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size, share_prompt_prefill=share)
+    samples = TextSampler(policy, config, progress=False).generate(prompts, args.k, seed=0)
+    return sum(s.meta["new_tokens"] for s in samples)
+
+
+if __name__ == "__main__":
+    main()

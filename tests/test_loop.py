@@ -1,0 +1,147 @@
+"""End to end: the RAFT loop on a tiny model built from a config, through the library and the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import raft
+from raft.loop import draw_prompts
+
+from conftest import REWARDS, tiny_overrides
+
+
+def test_two_iterations_write_a_complete_run_directory(tiny_model_dir, prompt_file, reference_file, tmp_path):
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    config = raft.load_config("text", overrides=tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run",
+                                                                reference_file))
+    run_dir = raft.run(config)
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    for key in ["reward/policy_mean", "reward/selected_mean", "eval/reward_mean", "eval/perplexity",
+                "eval/distinct_1", "eval/distinct_2", "eval/mean_words", "train/loss"]:
+        assert isinstance(metrics[-1][key], float), key
+    assert metrics[1]["reward/selected_mean"] >= metrics[1]["reward/policy_mean"]
+    assert (run_dir / "metrics.png").stat().st_size > 1000
+    assert json.loads((run_dir / "state.json").read_text()) == {"completed_iteration": 2}
+
+    samples = datasets.load_dataset("json", data_files=str(run_dir / "iterations/iter-0002/samples.jsonl"),
+                                    split="train")
+    assert len(samples) == 9 and set(samples["prompt_index"]) == {0, 1, 2}
+    assert samples["reward"] == pytest.approx([sum(c in "aeiou" for c in o) / max(1, len(o)) for o in samples["output"]])
+    selected = datasets.load_dataset("json", data_files=str(run_dir / "iterations/iter-0002/selected.jsonl"),
+                                     split="train")
+    assert len(selected) == 3 and all(selected["selected"])
+    for p in range(3):  # the kept sample of each prompt is its best
+        assert max(r for r, i in zip(samples["reward"], samples["prompt_index"]) if i == p) in selected["reward"]
+
+    reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints/iter-0002")
+    assert reloaded.num_parameters() > 0
+    assert not (run_dir / "checkpoints/iter-0001").exists()  # keep_checkpoints=1
+    saved = raft.load_config("text", run_dir / "config.yaml")
+    assert saved.iterations == 2 and saved.model.name_or_path == str(tiny_model_dir)
+
+
+def test_lora_run_saves_a_peft_adapter(tiny_model_dir, prompt_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    overrides = tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run") + [
+        "iterations=1", "finetune.lora.enabled=true", "finetune.lora.r=4"]
+    run_dir = raft.run(raft.load_config("text", overrides=overrides))
+    adapter = run_dir / "checkpoints/iter-0001"
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_prompts_are_drawn_without_repeats_within_an_epoch():
+    pool = [f"p{i}" for i in range(10)]
+    drawn = [p for it in range(1, 6) for p in draw_prompts(pool, 4, seed=3, iteration=it)]
+    assert sorted(drawn[:8]) == sorted(set(drawn[:8]))  # iterations 1-2 stay inside epoch 0
+    assert set(drawn[:10]) == set(pool)
+    assert draw_prompts(pool, 4, 3, 2) == draw_prompts(pool, 4, 3, 2)
+    assert draw_prompts(pool, 4, 3, 2) != draw_prompts(pool, 4, 4, 2)
+
+
+def run_cli(*args, env=None, cwd=None):
+    import os
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "raft", *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=300)
+
+
+def test_cli_help_documents_options():
+    result = run_cli("run", "--help")
+    assert result.returncode == 0
+    assert "finetune.carry_optimizer_state" in result.stdout and "selection.strategy" in result.stdout
+
+
+def test_cli_config_prints_the_resolved_config(tmp_path):
+    result = run_cli("config", "iterations=5")
+    assert result.returncode == 0 and "iterations: 5" in result.stdout
+
+
+def one_line_error(result, expected):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("raft: error:")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["finetune.lrr=1"], "unknown key 'finetune.lrr'"),
+    (["iterations=many"], "iterations must be an integer, got 'many'"),
+    (["model.name_or_path=./no/such/model"], "model.name_or_path: no such directory './no/such/model'"),
+    (["model.name_or_path=builtin:gpt-7"], "unknown builtin model 'gpt-7'"),
+    (["--modality", "audio"], "unknown modality 'audio'"),
+    (["--bogus"], "unknown option --bogus"),
+])
+def test_cli_bad_input_is_one_line(tiny_model_dir, prompt_file, tmp_path, extra, expected):
+    result = run_cli("run", *tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run"), *extra)
+    one_line_error(result, expected)
+
+
+def test_cli_empty_prompt_file(tiny_model_dir, prompt_file, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    result = run_cli("run", *tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run"), f"data.prompts={empty}")
+    one_line_error(result, f"data.prompts: '{empty}' is empty")
+    result = run_cli("run", *tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run2"),
+                     f"data.prompts={tmp_path / 'missing.jsonl'}")
+    one_line_error(result, "does not exist")
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("raise", "ranker '{spec}' raised ValueError: reward server unavailable"),
+    ("nan", "ranker '{spec}' returned NaN or infinite scores for 1 of 9 samples"),
+    ("count", "ranker '{spec}' returned 8 scores for 9 samples"),
+])
+def test_a_failing_ranker_stops_the_run_and_keeps_finished_iterations(tiny_model_dir, prompt_file, tmp_path,
+                                                                      mode, expected):
+    spec = f"{REWARDS}:broken_from_call"
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tiny_model_dir, prompt_file, run_dir) + [f"rankers.0.function={spec}"]
+    # calls: 1 = starting evaluation, 2 = iteration 1 ranking, 3 = its evaluation, 4 = iteration 2 ranking
+    result = run_cli("run", *overrides, env={"RAFT_TEST_BREAK": mode, "RAFT_TEST_BREAK_AT": "4"})
+    one_line_error(result, expected.format(spec=spec))
+    assert json.loads((run_dir / "state.json").read_text()) == {"completed_iteration": 1}
+    assert (run_dir / "checkpoints/iter-0001/model.safetensors").is_file()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+    resumed = run_cli("run", "--resume", str(run_dir))  # the ranker works again in a new process
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run_dir / "state.json").read_text()) == {"completed_iteration": 2}
+
+
+def test_existing_run_directory_needs_resume(tiny_model_dir, prompt_file, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "something").write_text("x")
+    result = run_cli("run", *tiny_overrides(tiny_model_dir, prompt_file, run_dir))
+    one_line_error(result, "already exists; pass --resume")

@@ -1,0 +1,74 @@
+"""A run killed with SIGKILL in any stage resumes to exactly the result of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_overrides
+
+
+def raft_run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "raft", "run", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def outcome(run_dir):
+    """Everything a run produced that must not depend on interruptions (timings excluded)."""
+    metrics = [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+               for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iterations = sorted(p.name for p in (run_dir / "iterations").iterdir())
+    samples = {name: (run_dir / "iterations" / name / "samples.jsonl").read_text()
+               for name in iterations if name != "iter-0000"}
+    return metrics, iterations, samples
+
+
+VARIANTS = {
+    "full": [],
+    "lora+carried-optimizer": ["finetune.lora.enabled=true", "finetune.lora.r=4", "finetune.carry_optimizer_state=true"],
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, prompt_file, tmp_path_factory):
+    results = {}
+    for variant, extra in VARIANTS.items():
+        run_dir = tmp_path_factory.mktemp("uninterrupted") / variant
+        result = raft_run(*tiny_overrides(tiny_model_dir, prompt_file, run_dir), "iterations=3", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[variant] = outcome(run_dir)
+    return results
+
+
+@pytest.mark.parametrize("variant, kill_at", [
+    ("full", "0:evaluate"),
+    ("full", "2:generate"),
+    ("full", "2:rank"),
+    ("full", "2:finetune"),
+    ("full", "2:save"),
+    ("full", "3:commit"),
+    ("lora+carried-optimizer", "2:finetune"),
+    ("lora+carried-optimizer", "3:commit"),
+])
+def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model_dir, prompt_file, tmp_path, variant,
+                                                  kill_at):
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_overrides(tiny_model_dir, prompt_file, run_dir), "iterations=3", *VARIANTS[variant]]
+    killed = raft_run(*overrides, env={"RAFT_KILL_AT": kill_at})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    iteration, stage = kill_at.split(":")
+    state = run_dir / "state.json"
+    completed = json.loads(state.read_text())["completed_iteration"] if state.exists() else None
+    expected_completed = int(iteration) - 1 if int(iteration) > 0 else None
+    assert completed == expected_completed
+
+    resumed = raft_run("--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics, iterations, samples = outcome(run_dir)
+    assert iterations == ["iter-0000", "iter-0001", "iter-0002", "iter-0003"]  # none missing, none twice
+    assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]
+    assert (metrics, iterations, samples) == uninterrupted[variant]
+    assert not list(run_dir.rglob("*.tmp"))
