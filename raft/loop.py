@@ -44,6 +44,7 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
     parts = modality.build(config, checkpoint=run_dir.latest_checkpoint())
 
     if done is None:  # measure the starting policy: row 0 of metrics.jsonl
+        _kill_point(0, "evaluate")
         started = time.perf_counter()
         eval_metrics, eval_samples = evaluate(parts)
         row = {"iteration": 0, **eval_metrics, "time/evaluate": time.perf_counter() - started}

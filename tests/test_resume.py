@@ -72,3 +72,34 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model_dir,
     assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]
     assert (metrics, iterations, samples) == uninterrupted[variant]
     assert not list(run_dir.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.85])
+def test_sigkill_at_an_arbitrary_moment_then_resume(uninterrupted, tiny_model_dir, prompt_file, tmp_path, fraction):
+    """No hook: the process is killed from outside at some moment of its run, wherever it happens to be."""
+    import time
+
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_overrides(tiny_model_dir, prompt_file, run_dir), "iterations=3"]
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "raft", "run", *overrides], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    process.wait(timeout=300)
+    duration = time.perf_counter() - started
+    shutil_rmtree(run_dir)
+
+    process = subprocess.Popen([sys.executable, "-m", "raft", "run", *overrides], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    time.sleep(duration * fraction)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+
+    resumed = raft_run("--resume", str(run_dir)) if (run_dir / "config.yaml").exists() else raft_run(*overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert outcome(run_dir) == uninterrupted["full"]
+
+
+def shutil_rmtree(path):
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -89,9 +89,9 @@ class TextSampler(Generator):
             output = policy.model.generate(input_ids=input_ids.repeat_interleave(k, 0),
                                            attention_mask=mask.repeat_interleave(k, 0),
                                            past_key_values=cache, **sampling)
-        else:
-            output = policy.model.generate(input_ids=input_ids, attention_mask=mask,
-                                           num_return_sequences=k, **sampling)
+        else:  # (num_return_sequences refuses greedy decoding, so copy the rows)
+            output = policy.model.generate(input_ids=input_ids.repeat_interleave(k, 0),
+                                           attention_mask=mask.repeat_interleave(k, 0), **sampling)
         return output[:, width:].tolist()
 
     def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor):
