@@ -99,6 +99,8 @@ def to_dict(config: Any) -> Any:
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
     """Build dataclass `cls` from plain data, naming the offending field on any mismatch."""
+    if isinstance(data, Override):
+        data = data.value
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path or 'top level'} must be a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
@@ -115,6 +117,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
 def _convert(hint: Any, value: Any, name: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if isinstance(value, Override):
+        value = value.for_type(hint)
     if hint is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -203,17 +207,25 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"config: override '{override}' is not of the form key.sub=value")
-        _set_path(data, key.strip(), _parse_value(raw))
+        _set_path(data, key.strip(), Override(raw))
     config = from_dict(cls, data)
     config.validate()
     return config
 
 
-def _parse_value(raw: str) -> Any:
-    try:
-        return yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        return raw
+class Override:
+    """A command-line value: read as YAML, except where a string field gets YAML structure (`{prompt}`)."""
+
+    def __init__(self, raw: str):
+        self.raw = raw
+        try:
+            self.value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            self.value = raw
+
+    def for_type(self, hint: Any) -> Any:
+        takes_text = hint is str or str in typing.get_args(hint)
+        return self.raw if takes_text and isinstance(self.value, (dict, list)) else self.value
 
 
 def _merge(base: Any, update: Any) -> Any:

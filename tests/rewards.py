@@ -14,7 +14,7 @@ def broken_from_call(prompts, responses):
     """vowel_share until call RAFT_TEST_BREAK_AT, then breaks the way RAFT_TEST_BREAK says."""
     global _calls
     _calls += 1
-    if _calls < int(os.environ.get("RAFT_TEST_BREAK_AT", "1")):
+    if _calls < int(os.environ.get("RAFT_TEST_BREAK_AT", "1000000")):
         return vowel_share(prompts, responses)
     mode = os.environ.get("RAFT_TEST_BREAK", "raise")
     if mode == "raise":
