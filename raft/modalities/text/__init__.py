@@ -22,7 +22,7 @@ class TextModality(Modality):
     def build(self, config: TextRaftConfig, checkpoint: Path | None) -> Components:
         data = load_text_data(config.data)  # first: bad data fails before a model is loaded
         discard_rules = build_discard_rules(config.discard)
-        policy = load_policy(config.model, config.finetune.lora, checkpoint)
+        policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
         sampler = TextSampler(policy, config.generation)
         return Components(
             prompts=data.prompts,

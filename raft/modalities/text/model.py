@@ -63,8 +63,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_policy(config: TextModelConfig, lora: LoraConfig, checkpoint: Path | None) -> TextPolicy:
-    """The base model (or the checkpoint of the last completed iteration), with a LoRA adapter if enabled."""
+def load_policy(config: TextModelConfig, lora: LoraConfig, checkpoint: Path | None, seed: int = 0) -> TextPolicy:
+    """The base model (or the checkpoint of the last completed iteration), with a LoRA adapter if enabled.
+
+    `seed` fixes the random initialisation of a new adapter, so a run is reproducible from its config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(config.device)
@@ -93,6 +95,7 @@ def load_policy(config: TextModelConfig, lora: LoraConfig, checkpoint: Path | No
             targets = lora.target_modules[0] if lora.target_modules == ["all-linear"] else lora.target_modules
             peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                           target_modules=targets, task_type="CAUSAL_LM")
+            torch.manual_seed(seed)
             model = peft.get_peft_model(model, peft_config)
     model.to(device).eval()
     use_template = config.chat_template and bool(getattr(tokenizer, "chat_template", None))
