@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="raft sampler: sequences per batch")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="measure each method this many times, interleaved, so load drift hits all alike")
     args = parser.parse_args()
 
     policy = load_policy(TextModelConfig(name_or_path=args.model, device=args.device), LoraConfig(), None)
@@ -55,21 +57,27 @@ def main() -> None:
     print(f"model {args.model} on {policy.device}, torch threads {torch.get_num_threads()}; "
           f"{len(prompts)} IMDB prompts x K={args.k}, {args.max_new_tokens} new tokens, temperature {args.temperature}")
 
-    naive(policy, prompts[:1], 2, {**settings, "max_new_tokens": 4}, seed=0)  # warm-up of both paths
-    results = {}
-    for name, run in [
-        ("naive: generate(num_return_sequences=K) per prompt", lambda: naive(policy, prompts, args.k, settings, 0)),
-        ("raft sampler, batched, no shared prefill", lambda: sample(policy, prompts, args, share=False)),
-        ("raft sampler (default: batched + shared prefill)", lambda: sample(policy, prompts, args, share=True)),
-    ]:
-        started = time.perf_counter()
-        tokens = run()
-        seconds = time.perf_counter() - started
-        results[name] = tokens / seconds
-        print(f"{name:52s} {tokens:6d} tokens {seconds:7.1f} s {tokens / seconds:8.1f} tok/s", flush=True)
-    base = results["naive: generate(num_return_sequences=K) per prompt"]
-    for name, rate in list(results.items())[1:]:
-        print(f"ratio {name} / naive: {rate / base:.2f}x")
+    naive(policy, prompts[:1], 2, {**settings, "max_new_tokens": 4}, seed=0)  # warm-up
+    methods = {
+        "naive: generate(num_return_sequences=K) per prompt": lambda: naive(policy, prompts, args.k, settings, 0),
+        "raft sampler, batched, no shared prefill": lambda: sample(policy, prompts, args, share=False),
+        "raft sampler (default: batched + shared prefill)": lambda: sample(policy, prompts, args, share=True),
+    }
+    totals = {name: [0, 0.0] for name in methods}
+    for round_index in range(args.rounds):
+        for name, run in methods.items():
+            started = time.perf_counter()
+            tokens = run()
+            seconds = time.perf_counter() - started
+            totals[name][0] += tokens
+            totals[name][1] += seconds
+            print(f"round {round_index + 1}: {name:52s} {tokens:6d} tokens {seconds:7.1f} s "
+                  f"{tokens / seconds:8.1f} tok/s", flush=True)
+    rates = {name: tokens / seconds for name, (tokens, seconds) in totals.items()}
+    base = rates[next(iter(methods))]
+    print()
+    for name, rate in rates.items():
+        print(f"{name:52s} {rate:8.1f} tok/s   {rate / base:5.2f}x naive")
 
 
 def sample(policy, prompts, args, share: bool) -> int:
