@@ -93,7 +93,7 @@ class TextDiscardConfig:
     max_words: int | None = option(None, "Discard responses with more words (null: off).")
     patterns: list[str] = option([], "Regular expressions; a response matching any is discarded (e.g. '#' for LMFlow's hack).")
     max_repeated_ngram_fraction: float | None = option(
-        0.5, "Discard responses in which more than this share of word 3-grams are repeats (null: off).")
+        0.25, "Discard responses in which more than this share of word 3-grams are repeats (null: off).")
 
 
 @dataclass
@@ -107,7 +107,7 @@ class LoraConfig:
 
 @dataclass
 class TextFinetuneConfig:
-    learning_rate: float = option(5e-5, "AdamW learning rate, constant (LMFlow: 2e-5; 2e-4 for gpt2 on IMDB).")
+    learning_rate: float = option(2e-5, "AdamW learning rate, constant (LMFlow: 2e-5; 2e-4 for gpt2 on IMDB).")
     epochs: int = option(2, "Passes over the kept set per iteration (LMFlow: 4).")
     batch_size: int = option(8, "Examples per optimizer step (split into micro-batches by gradient_accumulation_steps).")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
