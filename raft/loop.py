@@ -31,17 +31,18 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
     modality = get_modality(config.modality)
     if not config.run_dir:
         config.run_dir = f"runs/{config.modality}-{datetime.now():%Y%m%d-%H%M%S}"
-    if resume and Path(config.run_dir, "config.yaml").is_file():
-        run_dir = RunDirectory.open_existing(config.run_dir)
+    run_dir = RunDirectory(config.run_dir)
+    if resume and (run_dir.path / "config.yaml").is_file():
         run_dir.discard_unfinished()
+        parts = modality.build(config, checkpoint=run_dir.latest_checkpoint())
         run_dir.write_config(dump_yaml(config))
     else:
-        run_dir = RunDirectory.create(config.run_dir, dump_yaml(config))
+        run_dir.ensure_new()
+        parts = modality.build(config, checkpoint=None)  # bad input fails here, before anything is written
+        run_dir.initialize(dump_yaml(config))
     done = run_dir.completed_iteration
     if done is not None:
         print(f"resuming {run_dir.path} after iteration {done}", flush=True)
-
-    parts = modality.build(config, checkpoint=run_dir.latest_checkpoint())
 
     if done is None:  # measure the starting policy: row 0 of metrics.jsonl
         _kill_point(0, "evaluate")

@@ -65,21 +65,14 @@ class RunDirectory:
 
     # ---- opening
 
-    @classmethod
-    def create(cls, path: str | Path, config_yaml: str) -> "RunDirectory":
-        run = cls(path)
-        if run.path.exists() and any(run.path.iterdir()):
-            raise RaftError(f"run directory '{run.path}' already exists; pass --resume {run.path} to continue it")
-        run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.path / "config.yaml", config_yaml)
-        return run
+    def ensure_new(self) -> None:
+        if self.path.exists() and any(self.path.iterdir()):
+            raise RaftError(f"run directory '{self.path}' already exists; pass --resume {self.path} to continue it")
 
-    @classmethod
-    def open_existing(cls, path: str | Path) -> "RunDirectory":
-        run = cls(path)
-        if not (run.path / "config.yaml").is_file():
-            raise RaftError(f"cannot resume: '{run.path}' is not a run directory (no config.yaml)")
-        return run
+    def initialize(self, config_yaml: str) -> None:
+        self.ensure_new()
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.yaml", config_yaml)
 
     def write_config(self, config_yaml: str) -> None:
         atomic_write_text(self.path / "config.yaml", config_yaml)

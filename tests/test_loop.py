@@ -105,6 +105,7 @@ def one_line_error(result, expected):
 def test_cli_bad_input_is_one_line(tiny_model_dir, prompt_file, tmp_path, extra, expected):
     result = run_cli("run", *tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run"), *extra)
     one_line_error(result, expected)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
 
 
 def test_cli_empty_prompt_file(tiny_model_dir, prompt_file, tmp_path):
@@ -112,6 +113,7 @@ def test_cli_empty_prompt_file(tiny_model_dir, prompt_file, tmp_path):
     empty.write_text("\n  \n")
     result = run_cli("run", *tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run"), f"data.prompts={empty}")
     one_line_error(result, f"data.prompts: '{empty}' is empty")
+    assert not (tmp_path / "run").exists()
     result = run_cli("run", *tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run2"),
                      f"data.prompts={tmp_path / 'missing.jsonl'}")
     one_line_error(result, "does not exist")
