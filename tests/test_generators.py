@@ -250,3 +250,17 @@ def test_a_run_on_pre_generated_samples_alone_fine_tunes_the_policy(tiny_model_d
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(run_dir / "checkpoints/iter-0002/model.safetensors")
     assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_vllm_without_the_package_is_one_clear_line():
+    import importlib.util
+
+    from raft.generators import SamplingSettings
+    from raft.generators.vllm_sampler import VLLMSampler
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(RaftError) as caught:
+        VLLMSampler("some/model", SamplingSettings())
+    assert str(caught.value) == ("kind vllm needs the vllm package, which is not installed "
+                                 "(on a CUDA machine: pip install 'raft-align[vllm]')")
