@@ -48,9 +48,9 @@ class VLLMSampler(Generator):
                   for index, budget in enumerate(budgets)]
         if self.endpoint == "chat":
             conversations = [chat_messages(prompt, self.system_prompt) for prompt in prompts]
-            outputs = self.llm.chat(conversations, params, use_tqdm=self.progress)
+            outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=self.progress)
         else:
-            outputs = self.llm.generate(prompts, params, use_tqdm=self.progress)
+            outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=self.progress)
         samples = []
         for index, (prompt, output) in enumerate(zip(prompts, outputs)):
             for completion in output.outputs:
