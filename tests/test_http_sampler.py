@@ -3,6 +3,9 @@ tiny model: batching, chat messages, API keys, retries, timeouts and failures, a
 Every test bounds its requests (counted by the server) and its time."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -154,3 +157,19 @@ def test_an_unset_api_key_variable_stops_the_run_before_any_model_loads(tiny_mod
     with pytest.raises(RaftError, match="generators.0.api_key_env: the environment variable 'RAFT_TEST_NO_KEY' is not set"):
         raft.run(raft.load_config("text", overrides=overrides))
 
+
+
+def test_the_cli_reports_a_dead_server_in_one_line_after_the_retries(tiny_model_dir, prompt_file, tmp_path, fresh):
+    fresh.failures = [502] * 10
+    generators = ("generators=[{kind: http, url: '" + fresh.url + "', model: tiny, max_retries: 1, "
+                  "retry_backoff_s: 0.01, api_key_env: RAFT_TEST_API_KEY}]")
+    result = subprocess.run([sys.executable, "-m", "raft", "run", *tiny_overrides(tiny_model_dir, prompt_file,
+                                                                                  tmp_path / "run"), generators],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RAFT_TEST_API_KEY": KEY})
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("raft: error:")]
+    assert errors == [f"raft: error: generator 'http': {fresh.url}/chat/completions failed 2 times (timeout_s 60, "
+                      "max_retries 1); last: HTTP 502 (injected failure 502)"], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and KEY not in result.stderr + result.stdout
+    assert len(fresh.received) == 6  # 3 prompts, each tried twice; nothing more

@@ -193,11 +193,11 @@ class OpenAICompatibleSampler(Generator):
             got = len(choices) if isinstance(choices, list) else "no"
             raise RaftError(f"generator '{self.name}': {self.url} answered {got} choices for {prompts} prompt(s) x "
                             f"n={n} (does the server support n?)")
-        choices = sorted(choices, key=lambda c: c.get("index", 0))  # `index` is prompt * n + sample
         try:
+            choices = sorted(choices, key=lambda c: c.get("index", 0))  # `index` is prompt * n + sample
             pairs = [((c["message"]["content"] if self.endpoint == "chat" else c["text"]) or "", c.get("finish_reason"))
                      for c in choices]
-        except (KeyError, TypeError):
+        except (AttributeError, KeyError, TypeError):
             raise RaftError(f"generator '{self.name}': {self.url} answered choices without "
                             f"{'message.content' if self.endpoint == 'chat' else 'text'}") from None
         pairs = [(text.strip(), reason) for text, reason in pairs]
