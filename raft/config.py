@@ -143,7 +143,8 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config: {name} must be a mapping, got {_show(value)}")
-        return dict(value)
+        # values may be command-line Overrides (`key.sub.entry=value`), converted like any other value
+        return {k: _convert(args[1] if args else Any, v, f"{name}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, f"{name}.")
     if hint is bool:
@@ -224,7 +225,7 @@ class Override:
             self.value = raw
 
     def for_type(self, hint: Any) -> Any:
-        takes_text = hint is str or str in typing.get_args(hint)
+        takes_text = hint is str or (typing.get_origin(hint) in (Union, types.UnionType) and str in typing.get_args(hint))
         return self.raw if takes_text and isinstance(self.value, (dict, list)) else self.value
 
 

@@ -9,6 +9,7 @@ from raft.modalities.text.config import TextRaftConfig
 from raft.modalities.text.data import load_text_data
 from raft.modalities.text.discard import build_discard_rules
 from raft.modalities.text.evaluate import TextEvaluator
+from raft.modalities.text.generators import build_external_generators, build_generator
 from raft.modalities.text.model import load_policy
 from raft.modalities.text.rankers import build_ranker
 from raft.modalities.text.sampler import TextSampler
@@ -22,13 +23,13 @@ class TextModality(Modality):
     def build(self, config: TextRaftConfig, checkpoint: Path | None) -> Components:
         data = load_text_data(config.data)  # first: bad data fails before a model is loaded
         discard_rules = build_discard_rules(config.discard)
+        external = build_external_generators(config)  # files, servers, vLLM: also before the policy loads
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
-        sampler = TextSampler(policy, config.generation)
         return Components(
             prompts=data.prompts,
             eval_prompts=data.eval_prompts,
-            generator=sampler,
-            policy=sampler,
+            generator=build_generator(config, external, policy),
+            policy=TextSampler(policy, config.generation),  # evaluation: the policy, without magic prompts
             ranker=build_ranker(config.rankers, policy.device),
             finetuner=TextFineTuner(policy, config.finetune, checkpoint),
             evaluator=TextEvaluator(policy, data.reference_texts, config.eval.batch_size, config.eval.max_tokens),

@@ -4,7 +4,7 @@ continue IMDB review openings positively, rewarded by the VADER sentiment lexico
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from raft.config import RaftConfig, _check, option
 
@@ -62,6 +62,59 @@ class TextGenerationConfig:
     batch_size: int = option(64, "Sequences sampled per forward batch (prompts x samples per prompt).")
     share_prompt_prefill: bool = option(
         True, "Encode each prompt once and copy its key/value cache to its K samples, instead of K times.")
+
+
+@dataclass
+class TextGeneratorConfig:
+    kind: Literal["policy", "file", "http", "vllm"] = option(
+        "policy",
+        "policy: the model being aligned samples (the default); file: pre-generated samples read from a file "
+        "or dataset; http: an OpenAI-compatible server (/v1/completions or /v1/chat/completions); vllm: a "
+        "model loaded with vLLM in this process (GPU; pip install 'raft-align[vllm]').",
+    )
+    name: str | None = option(
+        None, "Name recorded in each sample's `generator` (default: the kind). A policy entry is always 'policy'.")
+    share: float = option(
+        1.0, "Relative share of the samples_per_prompt samples of each prompt; shares are normalized over the list.")
+    sampling_template: str = option(
+        "{prompt}",
+        "Magic prompt: what is sent instead of the prompt, `{prompt}` replaced by it (e.g. '{prompt} Be upbeat.'). "
+        "Sampling only: fine-tuning pairs keep the original prompt; samples record `prompt_sent`.",
+    )
+    sampling_system_prompt: str | None = option(
+        None, "System message sent only when sampling (null: model.system_prompt). Not for endpoint completions.")
+    path: str | None = option(
+        None,
+        "kind file: a .jsonl/.json/.csv/.parquet file, a folder saved by datasets' save_to_disk, or a hub dataset "
+        "id; one row per sample. Its prompts are matched after data.prompt_template is applied.",
+    )
+    split: str = option("train", "kind file: the split of a hub dataset or of a saved DatasetDict.")
+    prompt_field: str = option("prompt", "kind file: column holding the prompt.")
+    response_field: str = option("response", "kind file: column holding the response.")
+    url: str | None = option(None, "kind http: base URL of the API, e.g. http://127.0.0.1:8000/v1.")
+    endpoint: Literal["completions", "chat"] = option(
+        "chat",
+        "kind http and vllm: chat sends messages (the server applies the model's chat template); completions "
+        "sends the prompt text as is.",
+    )
+    model: str | None = option(
+        None, "kind http: the model name the server expects; kind vllm: hub id or local directory of the model.")
+    api_key_env: str | None = option(
+        None, "kind http: name of the environment variable holding the API key (sent as a Bearer token, never "
+        "written anywhere); null: no key.")
+    prompts_per_request: int = option(
+        8, "kind http, endpoint completions: prompts per request (chat requests hold one prompt each).")
+    max_concurrency: int = option(4, "kind http: requests in flight at once.")
+    timeout_s: float = option(60.0, "kind http: seconds to wait for the server on each attempt.")
+    max_retries: int = option(
+        3, "kind http: retries of a request after a timeout, a refused connection, HTTP 429 or 5xx; then the run "
+        "stops with the error.")
+    retry_backoff_s: float = option(1.0, "kind http: wait before the first retry; doubled for each further one.")
+    request_params: dict[str, Any] = option(
+        {}, "kind http: extra fields of every request body (e.g. {stop: ['\\n'], top_k: 20}); they override "
+        "raft's own, such as temperature.")
+    vllm_args: dict[str, Any] = option(
+        {}, "kind vllm: keyword arguments of vllm.LLM (e.g. {dtype: bfloat16, gpu_memory_utilization: 0.5}).")
 
 
 @dataclass
@@ -135,7 +188,12 @@ class TextRaftConfig(RaftConfig):
     samples_per_prompt: int = option(8, "Samples generated per prompt (K in the paper).")
     model: TextModelConfig = option(TextModelConfig(), "The policy model.")
     data: TextDataConfig = option(TextDataConfig(), "Prompts, held-out prompts and reference texts.")
-    generation: TextGenerationConfig = option(TextGenerationConfig(), "Sampling settings.")
+    generation: TextGenerationConfig = option(TextGenerationConfig(), "Sampling settings (of every generator).")
+    generators: list[TextGeneratorConfig] = option(
+        [TextGeneratorConfig()],
+        "Where the training samples come from: the policy (default), files, servers, vLLM, or a mixture of them "
+        "by share. The held-out evaluation always samples the policy.",
+    )
     rankers: list[TextRankerConfig] = option([TextRankerConfig()], "Rewards; several are combined as a weighted sum.")
     discard: TextDiscardConfig = option(TextDiscardConfig(), "Rules that discard samples before selection.")
     finetune: TextFinetuneConfig = option(TextFinetuneConfig(), "Supervised fine-tuning on the kept set.")
@@ -152,6 +210,7 @@ class TextRaftConfig(RaftConfig):
         r = g.max_new_tokens_range
         _check(r is None or (len(r) == 2 and 1 <= r[0] < r[1]), "generation.max_new_tokens_range",
                "must be [low, high) with 1 <= low < high")
+        self._validate_generators()
         _check(bool(self.rankers), "rankers", "must list at least one ranker")
         for i, ranker in enumerate(self.rankers):
             _check(ranker.kind != "classifier" or bool(ranker.model), f"rankers.{i}.model", "is required by kind classifier")
@@ -170,3 +229,44 @@ class TextRaftConfig(RaftConfig):
         d = self.discard
         _check(d.max_repeated_ngram_fraction is None or 0 <= d.max_repeated_ngram_fraction <= 1,
                "discard.max_repeated_ngram_fraction", "must be in [0, 1]")
+
+    def _validate_generators(self) -> None:
+        from raft.generators.mixture import split_counts
+
+        _check(bool(self.generators), "generators", "must list at least one generator (kind policy samples the policy)")
+        names: dict[str, int] = {}
+        for i, g in enumerate(self.generators):
+            where = f"generators.{i}"
+            _check(g.share > 0, f"{where}.share", "must be > 0")
+            _check(g.kind != "policy" or g.name in (None, "policy"), f"{where}.name",
+                   "of kind policy is always 'policy' (what reward/policy_mean counts)")
+            name = "policy" if g.kind == "policy" else g.name or g.kind
+            _check(bool(name.strip()), f"{where}.name", "must not be empty")
+            _check(name not in names, f"{where}.name",
+                   f"'{name}' is also generators.{names.get(name)}'s; give each generator its own name")
+            names[name] = i
+            _check("{prompt}" in g.sampling_template, f"{where}.sampling_template", "must contain {prompt}")
+            if g.kind == "file":
+                _check(bool(g.path), f"{where}.path", "is required by kind file")
+                _check(g.sampling_template == "{prompt}" and g.sampling_system_prompt is None,
+                       f"{where}.sampling_template",
+                       "and sampling_system_prompt do not apply to kind file: its samples are already generated")
+            if g.kind == "http":
+                _check(bool(g.url) and g.url.startswith(("http://", "https://")), f"{where}.url",
+                       "is required by kind http: the API's base URL, e.g. http://127.0.0.1:8000/v1")
+                _check(bool(g.model), f"{where}.model", "is required by kind http: the model name the server expects")
+                _check(g.prompts_per_request >= 1, f"{where}.prompts_per_request", "must be >= 1")
+                _check(g.max_concurrency >= 1, f"{where}.max_concurrency", "must be >= 1")
+                _check(g.timeout_s > 0, f"{where}.timeout_s", "must be > 0")
+                _check(g.max_retries >= 0, f"{where}.max_retries", "must be >= 0")
+                _check(g.retry_backoff_s >= 0, f"{where}.retry_backoff_s", "must be >= 0")
+            if g.kind == "vllm":
+                _check(bool(g.model), f"{where}.model", "is required by kind vllm: a hub id or local directory")
+            if g.kind in ("http", "vllm"):
+                _check(g.endpoint == "chat" or g.sampling_system_prompt is None, f"{where}.sampling_system_prompt",
+                       "needs endpoint chat (completions sends the prompt text alone)")
+        counts = split_counts([g.share for g in self.generators], self.samples_per_prompt)
+        for i, count in enumerate(counts):
+            _check(count >= 1, f"generators.{i}.share",
+                   f"gives it 0 of the samples_per_prompt ({self.samples_per_prompt}) samples of a prompt; "
+                   "raise its share or samples_per_prompt")

@@ -26,9 +26,11 @@ def load_text_data(config: TextDataConfig) -> TextData:
     if config.prompts == "imdb":
         data = imdb_task(config)
     else:
-        prompts = read_column(config.prompts, config.prompt_field, "data.prompts")
+        # once each: a file of samples lists a prompt per sample, and a prompt must not be both trained on
+        # and held out
+        prompts = list(dict.fromkeys(read_column(config.prompts, config.prompt_field, "data.prompts")))
         if config.eval_prompts:
-            eval_prompts = read_column(config.eval_prompts, config.prompt_field, "data.eval_prompts")
+            eval_prompts = list(dict.fromkeys(read_column(config.eval_prompts, config.prompt_field, "data.eval_prompts")))
         else:
             if len(prompts) <= config.eval_size:
                 raise RaftError(f"data.prompts: '{config.prompts}' has {len(prompts)} prompts, not more than "

@@ -32,17 +32,21 @@ class TextPolicy:
     use_chat_template: bool
     system_prompt: str | None
 
-    def render(self, prompt: str) -> str:
-        """The full text that precedes the response (chat template applied when configured)."""
+    def render(self, prompt: str, system_prompt: str | None = None) -> str:
+        """The full text that precedes the response (chat template applied when configured).
+
+        `system_prompt` replaces the configured one (a sampling-only system prompt); None keeps it."""
         if not self.use_chat_template:
             return prompt
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        system_prompt = self.system_prompt if system_prompt is None else system_prompt
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": prompt})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str, system_prompt: str | None = None) -> list[int]:
         # a chat template already spells out its special tokens (BOS included where the model uses one)
-        return self.tokenizer(self.render(prompt), add_special_tokens=not self.use_chat_template)["input_ids"]
+        return self.tokenizer(self.render(prompt, system_prompt),
+                              add_special_tokens=not self.use_chat_template)["input_ids"]
 
     @property
     def eos_ids(self) -> set[int]:

@@ -19,10 +19,13 @@ from raft.modalities.text.model import TextPolicy
 class TextSampler(Generator):
     name = "policy"
 
-    def __init__(self, policy: TextPolicy, config: TextGenerationConfig, progress: bool = True):
+    def __init__(self, policy: TextPolicy, config: TextGenerationConfig, progress: bool = True,
+                 system_prompt: str | None = None):
+        """`system_prompt` replaces model.system_prompt while sampling only (a magic system prompt)."""
         self.policy = policy
         self.config = config
         self.progress = progress
+        self.system_prompt = system_prompt
 
     @torch.no_grad()
     def generate(self, prompts: list[str], samples_per_prompt: int, seed: int) -> list[Sample]:
@@ -34,7 +37,7 @@ class TextSampler(Generator):
             budgets = rng.integers(low, high, size=len(prompts)).tolist()
         else:
             budgets = [config.max_new_tokens] * len(prompts)
-        encoded = [self.policy.encode_prompt(p) for p in prompts]
+        encoded = [self.policy.encode_prompt(p, self.system_prompt) for p in prompts]
 
         order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(encoded[i])))
         per_batch = max(1, config.batch_size // k)
@@ -46,6 +49,9 @@ class TextSampler(Generator):
                 outputs[index] = rows[position * k : (position + 1) * k]
 
         eos_ids = self.policy.eos_ids
+        settings = {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
+        if self.system_prompt is not None:
+            settings["system_prompt"] = self.system_prompt
         samples = []
         for index, prompt in enumerate(prompts):
             for tokens in outputs[index]:
@@ -61,8 +67,7 @@ class TextSampler(Generator):
                         "prompt_sent": prompt,
                         "finished": end is not None,  # ended with EOS rather than running out of tokens
                         "new_tokens": len(tokens) if end is None else end + 1,
-                        "settings": {"temperature": config.temperature, "top_p": config.top_p,
-                                     "top_k": config.top_k, "max_new_tokens": budgets[index]},
+                        "settings": settings | {"max_new_tokens": budgets[index]},
                     },
                 ))
         return samples
