@@ -183,7 +183,7 @@ class TextEvalConfig:
 
 @dataclass
 class TextRaftConfig(RaftConfig):
-    iterations: int = option(6, "RAFT iterations (generate -> rank -> select -> fine-tune -> evaluate).")
+    iterations: int = option(4, "RAFT iterations (generate -> rank -> select -> fine-tune -> evaluate).")
     prompts_per_iteration: int = option(24, "Prompts drawn per iteration (b in the paper).")
     samples_per_prompt: int = option(8, "Samples generated per prompt (K in the paper).")
     model: TextModelConfig = option(TextModelConfig(), "The policy model.")
