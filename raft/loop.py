@@ -17,7 +17,7 @@ import numpy as np
 
 from raft.config import RaftConfig, dump_yaml
 from raft.interface import Components, Sample
-from raft.metrics import mean, plot_metrics, standard_error
+from raft.metrics import mean, plot_metrics, standard_error, train_seconds
 from raft.modalities import get_modality
 from raft.rankers import score_samples
 from raft.rundir import RunDirectory, to_jsonl
@@ -54,6 +54,9 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
         done = 0
 
     for iteration in range(done + 1, config.iterations + 1):
+        if config.max_train_seconds is not None and train_seconds(run_dir.metrics()) >= config.max_train_seconds:
+            print(f"max_train_seconds spent; stopping before iteration {iteration}", flush=True)
+            break
         stage = Stages(config.seed, iteration)
         prompts = draw_prompts(parts.prompts, config.prompts_per_iteration, config.seed, iteration)
         samples = parts.generator.generate(prompts, config.samples_per_prompt, seed=stage("generate"))
