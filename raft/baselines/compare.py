@@ -117,7 +117,7 @@ def run_measured(command: list[str], log: Path, poll_seconds: float = 0.2) -> di
     The peak is the child's own VmHWM (Linux), read while it runs: a high-water mark, so only growth in its
     last `poll_seconds` could be missed. wait4's ru_maxrss is no good here: it keeps the high-water mark of
     the memory the child started from, the parent's (torch already loaded), which exec does not reset."""
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     peak = None
     with open(log, "w") as handle:
@@ -135,7 +135,8 @@ def run_measured(command: list[str], log: Path, poll_seconds: float = 0.2) -> di
     process.returncode = os.waitstatus_to_exitcode(status)
     rss_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
     return {"returncode": process.returncode, "wall_seconds": time.perf_counter() - started,
-            "peak_rss_bytes": peak or usage.ru_maxrss * rss_unit}
+            "peak_rss_bytes": peak or usage.ru_maxrss * rss_unit,
+            "load_average": [load_before, os.getloadavg()[0]]}  # other work on the machine slows a method down
 
 
 def vm_hwm(pid: int) -> int | None:
@@ -232,18 +233,19 @@ def markdown_report(results: dict, shared: dict, command_line: str, budget_sampl
     start = next((r["rows"][0] for m, r in results.items() if m != "best_of_k" and r["rows"]), None)
     lines = [
         "| method | iterations | training samples | held-out reward | Δ vs start | perplexity | distinct-1 | "
-        "distinct-2 | KL to start (nats/response) | training wall-clock (s) | process wall-clock (s) | peak RSS (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "distinct-2 | KL to start (nats/response) | training wall-clock (s) | process wall-clock (s) | peak RSS (GiB) | "
+        "machine load (start → end) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if start is not None:
         lines.append(f"| {LABELS['start']} | 0 | 0 | {number(start['eval/reward_mean'])} ± "
                      f"{number(start.get('eval/reward_sem'))} | | {number(start.get('eval/perplexity'), 2)} | "
-                     f"{number(start.get('eval/distinct_1'))} | {number(start.get('eval/distinct_2'))} | 0 | | | |")
+                     f"{number(start.get('eval/distinct_1'))} | {number(start.get('eval/distinct_2'))} | 0 | | | | |")
     for method, result in results.items():
         rows = result["rows"]
         if result["returncode"] != 0 or not rows:
             lines.append(f"| {LABELS[method]} | failed (exit {result['returncode']}, see runs/{method}.log) |"
-                         + " |" * 10)
+                         + " |" * 11)
             continue
         last = rows[-1]
         if method == "best_of_k":
@@ -257,7 +259,8 @@ def markdown_report(results: dict, shared: dict, command_line: str, budget_sampl
             f"{number(last['eval/reward_mean'])} ± {number(last.get('eval/reward_sem'))} | {delta:+.3f} | "
             f"{number(last.get('eval/perplexity'), 2)} | {number(last.get('eval/distinct_1'))} | "
             f"{number(last.get('eval/distinct_2'))} | {kl} | {number(train_seconds(rows), 0)} | "
-            f"{number(result['wall_seconds'], 0)} | {number(result['peak_rss_bytes'] / 2**30, 2)} |")
+            f"{number(result['wall_seconds'], 0)} | {number(result['peak_rss_bytes'] / 2**30, 2)} | "
+            f"{result['load_average'][0]:.1f} → {result['load_average'][1]:.1f} |")
 
     budget = []
     if budget_samples is not None:
@@ -279,7 +282,10 @@ def markdown_report(results: dict, shared: dict, command_line: str, budget_sampl
         f"- budget per trained method: {'; '.join(budget) or str(shared['iterations']) + ' iterations'}",
         f"- held-out reward: {eval_size} held-out prompts x {shared['eval']['samples_per_prompt']} samples, the same "
         "sampling seed for every method and iteration; perplexity on held-out reference reviews",
-        "- each method ran alone in its own process, one after another; wall-clock and peak RSS are that process's",
+        "- each method ran in its own process, one after another; wall-clock and peak RSS are that process's; "
+        f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"CUDA {'available' if torch.cuda.is_available() else 'not available'}; the machine load (1-minute "
+        "average) says how much other work shared the cores",
         "",
         *lines,
         "",
