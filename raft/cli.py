@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -109,7 +110,9 @@ def run_baseline(args: argparse.Namespace, overrides: list[str], argv: list[str]
         from raft.baselines.compare import compare
 
         out = Path(args.out or f"reports/compare-{datetime.now():%Y%m%d-%H%M%S}")
-        compare(config, [m.strip() for m in args.methods.split(",") if m.strip()], out, "raft " + shlex.join(argv),
+        threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+        compare(config, [m.strip() for m in args.methods.split(",") if m.strip()], out,
+                threads + "raft " + shlex.join(argv),
                 budget_samples=number_option(args.budget_samples, "--budget-samples", int),
                 budget_seconds=number_option(args.budget_seconds, "--budget-seconds", float))
     return 0

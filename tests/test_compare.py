@@ -104,3 +104,17 @@ def test_compare_runs_every_method_and_writes_the_report(tiny_model_dir, prompt_
         assert (out / png).stat().st_size > 5000
     with pytest.raises(RaftError, match="already holds runs"):
         compare(config, ["raft"], out, "again")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["compare", "--budget-samples", "many"], "--budget-samples must be an integer, got 'many'"),
+    (["compare", "--methods", "raft,dpo"], "compare: unknown method 'dpo'"),
+    (["ppo", "ppo.epochs=0"], "config: ppo.epochs must be >= 1"),
+    (["best-of-k", "ppo.epochs=2"], "unknown key 'ppo'"),  # best-of-k takes the text settings alone
+])
+def test_baseline_commands_refuse_bad_input_in_one_line(args, expected):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "raft", *args], capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("raft: error:")]
+    assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
