@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,18 @@ on them, evaluate on held-out prompts. Settings: the modality's defaults, then -
 key.sub=value overrides (YAML values: 3, 2e-5, true, null, [16, 48]). --resume continues the run in
 RUN_DIR after its last completed iteration, with its saved config (overrides still apply)."""
 
+BASELINE_USAGE = """raft ppo [--config FILE.yaml] [--resume RUN_DIR] [key.sub=value ...]
+       raft best-of-k [--config FILE.yaml] [key.sub=value ...]
+       raft compare [--config FILE.yaml] [--methods best_of_k,raft,rrhf,ppo] [--budget-samples N]
+                    [--budget-seconds S] [--out DIR] [key.sub=value ...]
+
+Baselines for text, in raft's harness (same sampler, rewards, evaluation and run directory). ppo: PPO with
+a value head and a KL penalty to the starting model. best-of-k: no training; the held-out reward when the
+policy samples samples_per_prompt responses and the reward picks the best. compare: runs the methods one
+after another, each in its own process, on the same settings and budget (generated samples, seconds of
+training, or both), and writes DIR/report.md with a table (reward, perplexity, diversity, KL, wall-clock,
+peak memory) and plots. RRHF is `raft run finetune.objective=rrhf selection.strategy=all`."""
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -28,6 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--config", default=None)
     run_parser.add_argument("--resume", default=None, metavar="RUN_DIR")
     run_parser.add_argument("-h", "--help", action="store_true")
+    for name, what in [("ppo", "run or resume the PPO baseline (text)"),
+                       ("best-of-k", "held-out reward of best-of-K sampling, no training (text)"),
+                       ("compare", "RAFT vs RRHF vs PPO vs best-of-K on one budget, with a report (text)")]:
+        baseline = commands.add_parser(name, usage=BASELINE_USAGE, add_help=False, help=what)
+        baseline.add_argument("--config", default=None)
+        baseline.add_argument("-h", "--help", action="store_true")
+        if name == "ppo":
+            baseline.add_argument("--resume", default=None, metavar="RUN_DIR")
+        if name == "compare":
+            baseline.add_argument("--methods", default="best_of_k,raft,rrhf,ppo")
+            baseline.add_argument("--budget-samples", default=None)
+            baseline.add_argument("--budget-seconds", default=None)
+            baseline.add_argument("--out", default=None)
     show_parser = commands.add_parser("config", help="print the resolved config as YAML (nothing runs)")
     show_parser.add_argument("--modality", default="text")
     show_parser.add_argument("--config", default=None)
@@ -36,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if unknown_flags:
             raise RaftError(f"unknown option {unknown_flags[0]} (settings are given as key.sub=value)")
+        if args.command in ("ppo", "best-of-k", "compare"):
+            return run_baseline(args, overrides, argv)
         if args.command == "run" and args.help:
             print_help(args.modality or "text")
             return 0
@@ -55,9 +83,60 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def resolve(args: argparse.Namespace, overrides: list[str]):
+def run_baseline(args: argparse.Namespace, overrides: list[str], argv: list[str]) -> int:
+    from raft.baselines.ppo import TextPPOConfig
+
+    config_class = TextPPOConfig if args.command in ("ppo", "compare") else None
+    if args.help:
+        print("usage: " + BASELINE_USAGE)
+        print("\nsettings (key (default): meaning):")
+        for line in describe(config_class or resolve_class("text")):
+            print("  " + line)
+        return 0
+    args.modality = None
+    config, resume = resolve(args, overrides, config_class)
+    if args.command == "ppo":
+        from raft.baselines.ppo import run_ppo
+
+        run_ppo(config, resume=resume)
+    elif args.command == "best-of-k":
+        from raft.baselines.best_of_k import run_best_of_k
+
+        run_best_of_k(config)
+    else:
+        import shlex
+        from datetime import datetime
+
+        from raft.baselines.compare import compare
+
+        out = Path(args.out or f"reports/compare-{datetime.now():%Y%m%d-%H%M%S}")
+        threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+        compare(config, [m.strip() for m in args.methods.split(",") if m.strip()], out,
+                threads + "raft " + shlex.join(argv),
+                budget_samples=number_option(args.budget_samples, "--budget-samples", int),
+                budget_seconds=number_option(args.budget_seconds, "--budget-seconds", float))
+    return 0
+
+
+def number_option(raw: str | None, name: str, kind: type):
+    if raw is None:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise RaftError(f"{name} must be {'an integer' if kind is int else 'a number'}, got '{raw}'") from None
+    if value <= 0:
+        raise RaftError(f"{name} must be > 0, got '{raw}'")
+    return value
+
+
+def resolve_class(modality: str) -> type:
     from raft.modalities import get_modality
 
+    return get_modality(modality).config_class
+
+
+def resolve(args: argparse.Namespace, overrides: list[str], config_class: type | None = None):
     saved = None
     resume_dir = getattr(args, "resume", None)
     if resume_dir:
@@ -69,7 +148,7 @@ def resolve(args: argparse.Namespace, overrides: list[str]):
     modality = args.modality or (saved or {}).get("modality") or "text"
     if saved and args.modality and saved.get("modality") != args.modality:
         raise RaftError(f"cannot resume: '{resume_dir}' is a {saved.get('modality')} run, not {args.modality}")
-    config_class = get_modality(modality).config_class
+    config_class = config_class or resolve_class(modality)
     config = load_config(config_class, args.config, [f"modality={modality}", *overrides], base=saved)
     return config, bool(resume_dir)
 

@@ -37,11 +37,11 @@ def _copy(value: Any) -> Any:
 class SelectionConfig:
     """Which scored samples are kept for fine-tuning."""
 
-    strategy: Literal["local", "global", "threshold"] = option(
+    strategy: Literal["local", "global", "threshold", "all"] = option(
         "local",
         "local: best `keep_per_prompt` of the K samples of each prompt; global: best `top_fraction` "
         "of all samples of the iteration, across prompts; threshold: every sample with reward >= "
-        "`min_reward`.",
+        "`min_reward`; all: every sample not discarded (for fine-tuners that rank candidates, e.g. RRHF).",
     )
     keep_per_prompt: int = option(1, "Samples kept per prompt by the local strategy (m of K).")
     top_fraction: float = option(0.125, "Fraction of all samples kept by the global strategy (1/K in the RAFT paper).")
@@ -61,6 +61,9 @@ class RaftConfig:
     prompts_per_iteration: int = option(16, "Prompts drawn per iteration (b in the paper).")
     samples_per_prompt: int = option(8, "Samples generated per prompt (K in the paper).")
     keep_checkpoints: int = option(1, "Checkpoints kept in the run directory (newest first); >= 1 so a run can resume.")
+    max_train_seconds: float | None = option(
+        None, "Wall-clock budget: start no further iteration once the completed ones spent this many seconds "
+        "generating, ranking, selecting and fine-tuning (evaluation not counted); null: run all iterations.")
     selection: SelectionConfig = option(SelectionConfig(), "Selection of the kept set.")
 
     def validate(self) -> None:
@@ -69,6 +72,7 @@ class RaftConfig:
         _check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _check(self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds", "must be > 0 or null")
         sel = self.selection
         _check(1 <= sel.keep_per_prompt <= self.samples_per_prompt, "selection.keep_per_prompt",
                f"must be between 1 and samples_per_prompt ({self.samples_per_prompt})")

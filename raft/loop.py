@@ -17,7 +17,7 @@ import numpy as np
 
 from raft.config import RaftConfig, dump_yaml
 from raft.interface import Components, Sample
-from raft.metrics import mean, plot_metrics, standard_error
+from raft.metrics import mean, plot_metrics, standard_error, train_seconds
 from raft.modalities import get_modality
 from raft.rankers import score_samples
 from raft.rundir import RunDirectory, to_jsonl
@@ -29,32 +29,13 @@ STAGES = ("generate", "rank", "select", "finetune", "evaluate")
 def run(config: RaftConfig, resume: bool = False) -> Path:
     """Run (or, with `resume`, continue) the RAFT loop described by `config`; returns the run directory."""
     modality = get_modality(config.modality)
-    if not config.run_dir:
-        config.run_dir = f"runs/{config.modality}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = RunDirectory(config.run_dir)
-    if resume and (run_dir.path / "config.yaml").is_file():
-        run_dir.discard_unfinished()
-        parts = modality.build(config, checkpoint=run_dir.latest_checkpoint())
-        run_dir.write_config(dump_yaml(config))
-    else:
-        run_dir.ensure_new()
-        parts = modality.build(config, checkpoint=None)  # bad input fails here, before anything is written
-        run_dir.initialize(dump_yaml(config))
-    done = run_dir.completed_iteration
-    if done is not None:
-        print(f"resuming {run_dir.path} after iteration {done}", flush=True)
-
-    if done is None:  # measure the starting policy: row 0 of metrics.jsonl
-        _kill_point(0, "evaluate")
-        started = time.perf_counter()
-        eval_metrics, eval_samples = evaluate(parts)
-        row = {"iteration": 0, **eval_metrics, "time/evaluate": time.perf_counter() - started}
-        run_dir.commit_iteration(0, lambda folder: write_samples(folder, parts, 0, {"eval_samples": eval_samples}),
-                                 row, save_checkpoint=None, keep_checkpoints=config.keep_checkpoints)
-        report(row, config.iterations)
-        done = 0
+    run_dir = open_run_directory(config, resume, config.modality)
+    parts = modality.build(config, checkpoint=run_dir.latest_checkpoint())
+    done = evaluate_starting_policy(run_dir, parts, config)
 
     for iteration in range(done + 1, config.iterations + 1):
+        if budget_spent(config, run_dir, iteration):
+            break
         stage = Stages(config.seed, iteration)
         prompts = draw_prompts(parts.prompts, config.prompts_per_iteration, config.seed, iteration)
         samples = parts.generator.generate(prompts, config.samples_per_prompt, seed=stage("generate"))
@@ -98,6 +79,50 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
 
     summarize(run_dir)
     return run_dir.path
+
+
+def open_run_directory(config: RaftConfig, resume: bool, name: str) -> RunDirectory:
+    """A new run directory (runs/<name>-<date>-<time> unless config.run_dir is set), or on `resume` the
+    existing one with anything past its last completed iteration removed.
+
+    A new directory is only created by `evaluate_starting_policy`, after the components were built, so a
+    run that cannot start (bad model, bad data) writes nothing."""
+    if not config.run_dir:
+        config.run_dir = f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = RunDirectory(config.run_dir)
+    if resume and (run_dir.path / "config.yaml").is_file():
+        run_dir.discard_unfinished()
+        run_dir.write_config(dump_yaml(config))
+        if run_dir.completed_iteration is not None:
+            print(f"resuming {run_dir.path} after iteration {run_dir.completed_iteration}", flush=True)
+    else:
+        run_dir.ensure_new()
+    return run_dir
+
+
+def evaluate_starting_policy(run_dir: RunDirectory, parts: Components, config: RaftConfig) -> int:
+    """Commits row 0 of metrics.jsonl (the policy before any training) unless it is on disk already;
+    returns the last completed iteration."""
+    if run_dir.completed_iteration is not None:
+        return run_dir.completed_iteration
+    if not (run_dir.path / "config.yaml").is_file():
+        run_dir.initialize(dump_yaml(config))
+    _kill_point(0, "evaluate")
+    started = time.perf_counter()
+    eval_metrics, eval_samples = evaluate(parts)
+    row = {"iteration": 0, **eval_metrics, "time/evaluate": time.perf_counter() - started}
+    run_dir.commit_iteration(0, lambda folder: write_samples(folder, parts, 0, {"eval_samples": eval_samples}),
+                             row, save_checkpoint=None, keep_checkpoints=config.keep_checkpoints)
+    report(row, config.iterations)
+    return 0
+
+
+def budget_spent(config: RaftConfig, run_dir: RunDirectory, iteration: int) -> bool:
+    """Whether config.max_train_seconds is spent by the completed iterations (so `iteration` must not start)."""
+    if config.max_train_seconds is None or train_seconds(run_dir.metrics()) < config.max_train_seconds:
+        return False
+    print(f"max_train_seconds ({config.max_train_seconds:g}) spent; stopping before iteration {iteration}", flush=True)
+    return True
 
 
 class Stages:

@@ -30,6 +30,12 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(unique) / total if total else 0.0
 
 
+def train_seconds(rows: list[dict]) -> float:
+    """Wall-clock spent on training in these metrics rows: every timed stage but the evaluation."""
+    return sum(v for row in rows for k, v in row.items()
+               if k.startswith("time/") and k != "time/evaluate" and isinstance(v, (int, float)))
+
+
 def plot_metrics(rows: list[dict], path: Path) -> None:
     """One small panel per metric against iteration; timings are left to metrics.jsonl."""
     import matplotlib

@@ -41,7 +41,7 @@ def select(samples: list[Sample], config: SelectionConfig) -> list[Sample]:
     elif config.strategy == "global":
         # the fraction is of all samples, as in the paper, not of those that survived discarding
         kept = best_first[: max(1, round(config.top_fraction * len(samples)))]
-    elif config.strategy == "threshold":
+    elif config.strategy in ("threshold", "all"):
         kept = best_first
     else:  # validated earlier; kept for readers
         raise ValueError(config.strategy)

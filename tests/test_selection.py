@@ -62,3 +62,10 @@ def test_length_and_repetition_rules():
     assert [s.discard_reason for s in samples] == ["fewer than 3 words", None, "more than 6 words", "more than 6 words"]
     assert math.isclose(repeated_ngram_fraction("the cat sat the cat sat the cat sat"), 4 / 7)
     assert repeated_ngram_fraction("a b c d e") == 0.0
+
+
+def test_all_keeps_every_sample_not_discarded():
+    samples = make([[0.1, 0.9], [0.3, 0.2]])
+    samples[1].discard_reason = "repetitive"
+    kept = select(samples, SelectionConfig(strategy="all"))
+    assert [s.reward for s in kept] == [0.1, 0.3, 0.2]  # in generation order, grouped by prompt

@@ -12,6 +12,7 @@ from raft.modalities.text.evaluate import TextEvaluator
 from raft.modalities.text.generators import build_external_generators, build_generator
 from raft.modalities.text.model import load_policy
 from raft.modalities.text.rankers import build_ranker
+from raft.modalities.text.rrhf import RrhfFineTuner
 from raft.modalities.text.sampler import TextSampler
 from raft.modalities.text.sft import TextFineTuner
 
@@ -25,13 +26,14 @@ class TextModality(Modality):
         discard_rules = build_discard_rules(config.discard)
         external = build_external_generators(config)  # files, servers, vLLM: also before the policy loads
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
+        finetuner_class = RrhfFineTuner if config.finetune.objective == "rrhf" else TextFineTuner
         return Components(
             prompts=data.prompts,
             eval_prompts=data.eval_prompts,
             generator=build_generator(config, external, policy),
             policy=TextSampler(policy, config.generation),  # evaluation: the policy, without magic prompts
             ranker=build_ranker(config.rankers, policy.device),
-            finetuner=TextFineTuner(policy, config.finetune, checkpoint),
+            finetuner=finetuner_class(policy, config.finetune, checkpoint),
             evaluator=TextEvaluator(policy, data.reference_texts, config.eval.batch_size, config.eval.max_tokens),
             discard_rules=discard_rules,
             eval_samples_per_prompt=config.eval.samples_per_prompt,

@@ -160,9 +160,20 @@ class LoraConfig:
 
 @dataclass
 class TextFinetuneConfig:
+    objective: Literal["sft", "rrhf"] = option(
+        "sft",
+        "sft: RAFT's supervised loss on the kept samples; rrhf: RRHF (Yuan et al. 2023), a ranking loss over "
+        "the scored candidates of each prompt plus the supervised loss on its best one (needs several "
+        "candidates per prompt: selection.strategy=all).",
+    )
+    rrhf_weight: float = option(1.0, "objective rrhf: weight of the ranking loss beside the supervised loss on the best.")
+    length_penalty: float = option(
+        1.0, "objective rrhf: a candidate's score is its summed log-probability / (response tokens ** length_penalty).")
     learning_rate: float = option(2e-5, "AdamW learning rate, constant (LMFlow: 2e-5; 2e-4 for gpt2 on IMDB).")
     epochs: int = option(2, "Passes over the kept set per iteration (LMFlow: 4).")
-    batch_size: int = option(8, "Examples per optimizer step (split into micro-batches by gradient_accumulation_steps).")
+    batch_size: int = option(
+        8, "Examples per optimizer step (split into micro-batches by gradient_accumulation_steps); objective "
+        "rrhf: prompts per step, each with all its candidates.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
@@ -223,6 +234,9 @@ class TextRaftConfig(RaftConfig):
         _check(f.gradient_accumulation_steps >= 1 and f.batch_size % f.gradient_accumulation_steps == 0,
                "finetune.gradient_accumulation_steps", "must be >= 1 and divide finetune.batch_size")
         _check(f.lora.r >= 1, "finetune.lora.r", "must be >= 1")
+        _check(f.rrhf_weight >= 0, "finetune.rrhf_weight", "must be >= 0")
+        _check(f.objective != "rrhf" or self.selection.strategy != "local" or self.selection.keep_per_prompt > 1,
+               "finetune.objective", "rrhf ranks several candidates per prompt; set selection.strategy=all")
         _check(self.data.eval_size >= 1, "data.eval_size", "must be >= 1")
         _check("{prompt}" in self.data.prompt_template, "data.prompt_template", "must contain {prompt}")
         _check(self.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")

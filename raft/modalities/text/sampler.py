@@ -67,6 +67,7 @@ class TextSampler(Generator):
                         "prompt_sent": prompt,
                         "finished": end is not None,  # ended with EOS rather than running out of tokens
                         "new_tokens": len(tokens) if end is None else end + 1,
+                        "token_ids": tokens if end is None else tokens[: end + 1],  # exactly as sampled, EOS included
                         "settings": settings | {"max_new_tokens": budgets[index]},
                     },
                 ))

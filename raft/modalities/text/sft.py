@@ -3,13 +3,13 @@ per sequence (no packing), token-weighted mean over each optimizer step."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from raft.interface import FineTuner, Sample
+from raft.metrics import mean
 from raft.modalities.text.config import TextFinetuneConfig
 from raft.modalities.text.model import TextPolicy
 
@@ -33,13 +33,22 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) ->
     return {"input_ids": as_tensor(input_ids), "attention_mask": as_tensor(mask), "labels": as_tensor(labels)}
 
 
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each labelled token under `logits / temperature` (0 elsewhere), and the label mask.
+
+    Both are [batch, length - 1]: position t holds token t + 1, which is predicted from positions <= t."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask
+
+
 def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood of the labelled tokens, and their count."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]  # token t is predicted from positions < t
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                            ignore_index=IGNORE, reduction="sum")
-    return nll, int((targets != IGNORE).sum())
+    logprobs, mask = label_logprobs(logits, batch["labels"])
+    return -logprobs.sum(), int(mask.sum())
 
 
 class TextFineTuner(FineTuner):
@@ -64,37 +73,48 @@ class TextFineTuner(FineTuner):
             response = response + [tokenizer.eos_token_id]
         return build_example(self.policy.encode_prompt(sample.prompt), response, self.config.max_seq_length)
 
+    def units(self, selected: list[Sample]) -> list:
+        """What one optimizer step draws from: here one example per kept sample."""
+        return [self.example(s) for s in selected]
+
     def finetune(self, selected: list[Sample], seed: int) -> dict[str, float]:
         config, model = self.config, self.policy.model
         torch.manual_seed(seed)
-        examples = [self.example(s) for s in selected]
+        units = self.units(selected)
         optimizer = self.optimizer if self.optimizer is not None else self._new_optimizer()
         if config.carry_optimizer_state:
             self.optimizer = optimizer
         micro = config.batch_size // config.gradient_accumulation_steps
         order_generator = torch.Generator().manual_seed(seed)
         steps = [order[i : i + config.batch_size]
-                 for order in (torch.randperm(len(examples), generator=order_generator).tolist() for _ in range(config.epochs))
-                 for i in range(0, len(examples), config.batch_size)]
+                 for order in (torch.randperm(len(units), generator=order_generator).tolist() for _ in range(config.epochs))
+                 for i in range(0, len(units), config.batch_size)]
 
         model.train()
-        losses = []
-        for step in tqdm(steps, desc=f"fine-tuning on {len(examples)}", disable=not self.progress, leave=False):
-            chunks = [[examples[i] for i in step[j : j + micro]] for j in range(0, len(step), micro)]
-            batches = [collate(chunk, self.policy.tokenizer.pad_token_id, self.policy.device) for chunk in chunks]
-            tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-            step_loss = 0.0
-            for batch in batches:
-                nll, _ = response_nll(model, batch)
-                (nll / max(tokens, 1)).backward()
-                step_loss += nll.item()
+        step_metrics = []
+        for step in tqdm(steps, desc=f"fine-tuning on {len(units)}", disable=not self.progress, leave=False):
+            chunks = [[units[i] for i in step[j : j + micro]] for j in range(0, len(step), micro)]
+            step_metrics.append(self.step_loss(chunks))
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss / max(tokens, 1))
         model.eval()
-        return {"train/loss": sum(losses) / len(losses) if losses else math.nan, "train/steps": len(steps)}
+        names = step_metrics[0] if step_metrics else ["train/loss"]
+        return {**{k: mean(m[k] for m in step_metrics) for k in names}, "train/steps": len(steps)}
+
+    def step_loss(self, chunks: list[list]) -> dict[str, float]:
+        """Backpropagates one optimizer step's loss, micro-batch by micro-batch; returns its metrics.
+
+        The loss is the mean over the step's response tokens, whatever the micro-batching."""
+        batches = [collate(chunk, self.policy.tokenizer.pad_token_id, self.policy.device) for chunk in chunks]
+        tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        step_loss = 0.0
+        for batch in batches:
+            nll, _ = response_nll(self.policy.model, batch)
+            (nll / max(tokens, 1)).backward()
+            step_loss += nll.item()
+        return {"train/loss": step_loss / max(tokens, 1)}
 
     def save_checkpoint(self, directory: Path) -> None:
         self.policy.model.save_pretrained(directory, safe_serialization=True)  # a peft model saves its adapter only

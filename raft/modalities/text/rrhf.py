@@ -1,0 +1,65 @@
+"""RRHF (Yuan et al. 2023, "Rank Responses to align Human Feedback"): the K scored candidates of a prompt
+are ranked by the policy's length-normalised log-likelihood, and pairs the policy orders against the reward
+are penalised; the best candidate also gets the supervised loss.
+
+    p_i    = sum_t log pi(y_i,t | x, y_i,<t) / |y_i| ** length_penalty      (response tokens only)
+    L_rank = sum over pairs with r_i < r_j of max(0, p_i - p_j)
+    L      = rrhf_weight * L_rank + NLL of the best candidate (mean over its tokens)
+
+It runs in the RAFT loop unchanged: the same generation and ranking stages, `selection.strategy=all` keeps
+every candidate, and this fine-tuner groups them by prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raft.interface import Sample
+from raft.modalities.text.sft import TextFineTuner, collate, label_logprobs
+
+
+def rrhf_loss(logprob_sums: torch.Tensor, lengths: torch.Tensor, rewards: torch.Tensor, rrhf_weight: float,
+              length_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ranking loss, NLL of the best) for the candidates of one prompt.
+
+    `logprob_sums[i]` is candidate i's summed response log-probability, `lengths[i]` its response tokens.
+    Ties in reward form no pair; the best is the first candidate with the highest reward."""
+    scores = logprob_sums / lengths.to(logprob_sums.dtype) ** length_penalty
+    worse = rewards[:, None] < rewards[None, :]  # worse[i, j]: candidate i has the lower reward
+    rank = (scores[:, None] - scores[None, :]).clamp(min=0)[worse].sum()
+    best = int(torch.argmax(rewards))  # argmax returns the first maximum
+    nll = -logprob_sums[best] / lengths[best]
+    return rrhf_weight * rank + nll, rank, nll
+
+
+class RrhfFineTuner(TextFineTuner):
+    """A fine-tuning step draws `finetune.batch_size` prompts, each with all its kept candidates."""
+
+    def units(self, selected: list[Sample]) -> list:
+        groups: dict[int, list[Sample]] = {}
+        for sample in selected:
+            groups.setdefault(sample.prompt_index, []).append(sample)
+        return [([self.example(s) for s in group], [s.reward for s in group]) for group in groups.values()]
+
+    def step_loss(self, chunks: list[list]) -> dict[str, float]:
+        """Mean over the step's prompts of each prompt's RRHF loss; a micro-batch holds whole prompts."""
+        config, device = self.config, self.policy.device
+        prompts = sum(len(chunk) for chunk in chunks)
+        totals = {"train/loss": 0.0, "train/rank_loss": 0.0, "train/sft_loss": 0.0}
+        for chunk in chunks:
+            examples = [example for group, _ in chunk for example in group]
+            batch = collate(examples, self.policy.tokenizer.pad_token_id, device)
+            logits = self.policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logprobs, mask = label_logprobs(logits, batch["labels"])
+            sums, lengths = logprobs.sum(-1), mask.sum(-1).clamp(min=1)
+            loss, start = 0.0, 0
+            for group, rewards in chunk:
+                end = start + len(group)
+                total, rank, nll = rrhf_loss(sums[start:end], lengths[start:end],
+                                             torch.tensor(rewards, device=device), config.rrhf_weight,
+                                             config.length_penalty)
+                loss, start = loss + total, end
+                for key, value in zip(totals, (total, rank, nll)):
+                    totals[key] += value.item() / prompts
+            (loss / prompts).backward()
+        return totals
