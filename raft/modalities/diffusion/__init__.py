@@ -7,9 +7,11 @@ files (`images/`) and `eval_grid.png`, the held-out prompts' images from the sam
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
+from raft.errors import RaftError
 from raft.interface import Components, Modality
 from raft.modalities.diffusion.config import DiffusionRaftConfig
 
@@ -20,6 +22,8 @@ class DiffusionModality(Modality):
 
     def build(self, config: DiffusionRaftConfig, checkpoint: Path | None) -> Components:
         # imported here: `raft run --help` and config loading need no diffusers
+        if importlib.util.find_spec("diffusers") is None:
+            raise RaftError("the diffusion modality needs diffusers (pip install 'raft-align[diffusion]')")
         from raft.modalities.diffusion.clip import load_clip
         from raft.modalities.diffusion.data import load_prompts
         from raft.modalities.diffusion.evaluate import GRID_FILE, DiffusionEvaluator, write_grid
