@@ -118,3 +118,13 @@ def test_bad_diffusion_settings_stop_before_anything_loads(tmp_path):
     result = raft_run("--modality", "diffusion", f"run_dir={tmp_path / 'r'}", "rankers.0.kind=aesthetic",
                       "rankers.0.head=linear")
     assert result.returncode == 2 and "rankers.0.weights is required by the linear aesthetic head" in result.stderr
+
+
+def test_a_config_file_names_its_modality():
+    from pathlib import Path
+
+    config = Path(__file__).parent.parent / "configs" / "diffusion-sd15-aesthetic.yaml"
+    result = subprocess.run([sys.executable, "-m", "raft", "config", "--config", str(config)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "modality: diffusion" in result.stdout and "resolution: 256" in result.stdout
