@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline.add_argument("--budget-seconds", default=None)
             baseline.add_argument("--out", default=None)
     show_parser = commands.add_parser("config", help="print the resolved config as YAML (nothing runs)")
-    show_parser.add_argument("--modality", default="text")
+    show_parser.add_argument("--modality", default=None)
     show_parser.add_argument("--config", default=None)
     args, overrides = parser.parse_known_args(argv)
     unknown_flags = [o for o in overrides if o.startswith("-")]
@@ -145,12 +145,23 @@ def resolve(args: argparse.Namespace, overrides: list[str], config_class: type |
             raise RaftError(f"cannot resume: '{resume_dir}' is not a run directory (no config.yaml)")
         saved = yaml.safe_load(saved_path.read_text())
         saved["run_dir"] = str(resume_dir)
-    modality = args.modality or (saved or {}).get("modality") or "text"
+    modality = args.modality or (saved or {}).get("modality") or _file_modality(args.config) or "text"
     if saved and args.modality and saved.get("modality") != args.modality:
         raise RaftError(f"cannot resume: '{resume_dir}' is a {saved.get('modality')} run, not {args.modality}")
     config_class = config_class or resolve_class(modality)
     config = load_config(config_class, args.config, [f"modality={modality}", *overrides], base=saved)
     return config, bool(resume_dir)
+
+
+def _file_modality(path: str | None) -> str | None:
+    """The `modality:` a --config file names, so `raft run --config diffusion.yaml` needs no --modality."""
+    if not path or not Path(path).is_file():
+        return None  # load_config reports a missing file
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError:
+        return None  # load_config reports the YAML error
+    return loaded.get("modality") if isinstance(loaded, dict) and isinstance(loaded.get("modality"), str) else None
 
 
 def print_help(modality: str) -> None:

@@ -89,6 +89,9 @@ class Components:
     eval_seed: int = 0
     # turns a sample's output into JSON-able data; may write files (images) under the given folder
     output_to_record: Callable[[Any, Path, str], Any] = lambda output, folder, key: output
+    # writes an iteration's extra files (an image grid, ...) into its folder, given its samples by file name
+    # ("samples", "selected", "eval_samples"; iteration 0 has only "eval_samples")
+    write_files: Callable[[Path, dict[str, list[Sample]]], None] = lambda folder, files: None
 
 
 class Modality(ABC):

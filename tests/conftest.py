@@ -99,3 +99,21 @@ def tiny_overrides(model_dir: Path, prompts: Path, run_dir: Path, references: Pa
         "rankers.0.kind=callable",
         f"rankers.0.function={REWARDS}:vowel_share",
     ]
+
+
+# ---- diffusion: tiny Stable Diffusion and CLIP models built from configs (tests/tiny_diffusion.py)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    pytest.importorskip("diffusers")
+    from tiny_diffusion import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    from tiny_diffusion import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 import raft
 from raft.modalities.text.rankers import build_ranker
@@ -10,7 +11,9 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load_and_validate(path):
-    config = raft.load_config("text", path)
+    modality = (yaml.safe_load(path.read_text()) or {}).get("modality", "text")  # each file with its own modality
+    config = raft.load_config(modality, path)
+    assert config.modality == modality
     assert config.rankers
 
 

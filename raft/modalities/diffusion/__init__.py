@@ -1,17 +1,76 @@
-"""Diffusion modality (text-to-image pipelines from diffusers): not built yet, see the project's issue 3."""
+"""Diffusion modality: diffusers text-to-image pipelines (Stable Diffusion-style) aligned with image rewards.
+
+Each sample is one image, drawn from its own recorded seed; the kept images train a LoRA adapter on the
+UNet (or the whole UNet) with the standard denoising loss. Every iteration folder holds the images as PNG
+files (`images/`) and `eval_grid.png`, the held-out prompts' images from the same seeds every iteration.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from typing import Any
 
-from raft.config import RaftConfig
 from raft.errors import RaftError
 from raft.interface import Components, Modality
+from raft.modalities.diffusion.config import DiffusionRaftConfig
 
 
 class DiffusionModality(Modality):
     name = "diffusion"
-    config_class = RaftConfig
+    config_class = DiffusionRaftConfig
 
-    def build(self, config: RaftConfig, checkpoint: Path | None) -> Components:
-        raise RaftError("the diffusion modality is not implemented yet; use --modality text")
+    def build(self, config: DiffusionRaftConfig, checkpoint: Path | None) -> Components:
+        # imported here: `raft run --help` and config loading need no diffusers
+        if importlib.util.find_spec("diffusers") is None:
+            raise RaftError("the diffusion modality needs diffusers (pip install 'raft-align[diffusion]')")
+        from raft.modalities.diffusion.clip import load_clip
+        from raft.modalities.diffusion.data import load_prompts
+        from raft.modalities.diffusion.evaluate import GRID_FILE, DiffusionEvaluator, write_grid
+        from raft.modalities.diffusion.finetune import DiffusionFineTuner
+        from raft.modalities.diffusion.model import load_policy, resolve_device
+        from raft.modalities.diffusion.rankers import build_ranker, clip_model_of
+        from raft.modalities.diffusion.sampler import DiffusionSampler
+
+        data = load_prompts(config.data)  # first: bad data fails before a model is loaded
+        device = resolve_device(config.model.device)
+        ranker = build_ranker(config.rankers, device)
+        policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
+        sampler = DiffusionSampler(policy, config.generation)
+
+        embedding_model = config.eval.embedding_model
+        if embedding_model is None:
+            clip_rankers = [r for r in config.rankers if r.kind in ("clip", "aesthetic")]
+            embedding_model = clip_model_of(clip_rankers[0]) if clip_rankers else "pixels"
+            processor = clip_rankers[0].processor if clip_rankers else None
+        else:
+            processor = None
+        embedder = None if embedding_model == "pixels" else load_clip(embedding_model, processor, str(device),
+                                                                       "float32", "eval.embedding_model")
+
+        def write_files(folder: Path, files: dict) -> None:
+            if config.eval.grid_prompts and files.get("eval_samples"):
+                write_grid(folder / GRID_FILE, files["eval_samples"], config.eval.grid_prompts)
+
+        return Components(
+            prompts=data.prompts,
+            eval_prompts=data.eval_prompts,
+            generator=sampler,
+            policy=sampler,
+            ranker=ranker,
+            finetuner=DiffusionFineTuner(policy, config.finetune, checkpoint),
+            evaluator=DiffusionEvaluator(embedder),
+            eval_samples_per_prompt=config.eval.samples_per_prompt,
+            eval_seed=config.eval.seed,
+            output_to_record=save_image,
+            write_files=write_files,
+        )
+
+
+def save_image(output: Any, folder: Path, key: str) -> Any:
+    """A PIL image becomes images/<key>.png in the iteration folder; the record holds that relative path."""
+    if not hasattr(output, "save"):
+        return output
+    (folder / "images").mkdir(exist_ok=True)
+    output.save(folder / "images" / f"{key}.png")
+    return f"images/{key}.png"

@@ -1,0 +1,126 @@
+"""Fine-tuning on the kept images with the standard text-to-image denoising loss.
+
+For each kept (prompt, image): encode the image with the frozen VAE, draw a timestep t uniformly and noise,
+and regress the UNet's prediction at the noised latent onto the noise (or the velocity, for v-prediction
+models), conditioned on the frozen text encoder's embedding of the prompt. VAE moments and text embeddings
+are computed once per iteration; the VAE latent is re-sampled from its moments at every step.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from raft.errors import RaftError
+from raft.interface import FineTuner, Sample
+from raft.modalities.diffusion.config import DiffusionFinetuneConfig
+from raft.modalities.diffusion.model import DiffusionPolicy, save_policy
+
+
+def image_tensor(images, size: int) -> torch.Tensor:
+    """PIL images -> float NCHW in [-1, 1] at `size` x `size`."""
+    arrays = []
+    for image in images:
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), resample=3)  # bicubic
+        arrays.append(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+class DiffusionFineTuner(FineTuner):
+    def __init__(self, policy: DiffusionPolicy, config: DiffusionFinetuneConfig, checkpoint: Path | None,
+                 progress: bool = True):
+        from diffusers import DDPMScheduler
+
+        self.policy, self.config, self.progress = policy, config, progress
+        # the forward (noising) process of training: the pipeline's betas, whatever scheduler samples
+        self.noise_scheduler = DDPMScheduler.from_config(policy.pipeline.scheduler.config)
+        self.optimizer = None
+        if config.gradient_checkpointing:
+            policy.unet.enable_gradient_checkpointing()
+        state = checkpoint / "optimizer.pt" if checkpoint is not None else None
+        if config.carry_optimizer_state and state is not None and state.is_file():
+            self.optimizer = self._new_optimizer()
+            self.optimizer.load_state_dict(torch.load(state, map_location=policy.device, weights_only=True))
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        parameters = self.policy.trainable_parameters()
+        if not parameters:
+            raise RaftError("finetune: the UNet has no trainable parameters (check finetune.lora.target_modules)")
+        return torch.optim.AdamW(parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+
+    @torch.no_grad()
+    def encode(self, selected: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(VAE latent moments, text embeddings) of the kept samples, computed once per iteration."""
+        policy, vae = self.policy, self.policy.pipeline.vae
+        size = policy.default_resolution() if not selected else selected[0].output.size[0]
+        moments, texts = [], []
+        for start in range(0, len(selected), 16):
+            chunk = selected[start : start + 16]
+            pixels = image_tensor([s.output for s in chunk], size).to(policy.device, vae.dtype)
+            moments.append(vae.encode(pixels).latent_dist.parameters.float())
+            texts.append(policy.encode_prompts([s.prompt for s in chunk]))
+        return torch.cat(moments), torch.cat(texts)
+
+    def loss(self, moments: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Mean squared error of the UNet's noise (or velocity) prediction on one micro-batch."""
+        policy, scheduler = self.policy, self.noise_scheduler
+        vae_config = policy.pipeline.vae.config
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        draw = lambda shape: torch.randn(shape, generator=generator).to(policy.device)  # noqa: E731 (CPU generator: same draws on any device)
+        latents = mean + std * draw(mean.shape)
+        shift = getattr(vae_config, "shift_factor", None) or 0.0
+        latents = (latents - shift) * vae_config.scaling_factor
+        noise = draw(latents.shape)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        timesteps = timesteps.to(policy.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        with policy.autocast():
+            prediction = policy.unet(noisy.to(policy.dtype), timesteps, text).sample
+        return F.mse_loss(prediction.float(), target.float())
+
+    def finetune(self, selected: list[Sample], seed: int) -> dict[str, float]:
+        config, policy = self.config, self.policy
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        moments, texts = self.encode(selected)
+        optimizer = self.optimizer if self.optimizer is not None else self._new_optimizer()
+        if config.carry_optimizer_state:
+            self.optimizer = optimizer
+        micro = config.batch_size // config.gradient_accumulation_steps
+        steps = [order[i : i + config.batch_size]
+                 for order in (torch.randperm(len(selected), generator=generator).tolist() for _ in range(config.epochs))
+                 for i in range(0, len(selected), config.batch_size)]
+
+        policy.unet.train()
+        losses = []
+        for step in tqdm(steps, desc=f"fine-tuning on {len(selected)}", disable=not self.progress, leave=False):
+            step_loss = 0.0
+            for j in range(0, len(step), micro):
+                index = torch.tensor(step[j : j + micro])
+                loss = self.loss(moments[index], texts[index], generator)
+                (loss * len(index) / len(step)).backward()
+                step_loss += loss.item() * len(index) / len(step)
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+        policy.unet.eval()
+        return {"train/loss": sum(losses) / len(losses) if losses else math.nan, "train/steps": len(steps)}
+
+    def save_checkpoint(self, directory: Path) -> None:
+        save_policy(self.policy, directory)
+        if self.config.carry_optimizer_state and self.optimizer is not None:
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
