@@ -14,6 +14,7 @@ import math
 import time
 from pathlib import Path
 
+from raft.config import dump_yaml
 from raft.loop import open_run_directory, write_samples
 from raft.metrics import mean, standard_error
 from raft.modalities.text import TextModality
@@ -32,6 +33,7 @@ def run_best_of_k(config: TextRaftConfig) -> Path:
     k = config.samples_per_prompt
     run_dir = open_run_directory(config, False, "best-of-k")
     parts = TextModality().build(config, None)
+    run_dir.initialize(dump_yaml(config))
     started = time.perf_counter()
     answers = parts.eval_samples_per_prompt
     candidates = parts.policy.generate(parts.eval_prompts, answers * k, seed=parts.eval_seed)
