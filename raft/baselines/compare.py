@@ -159,7 +159,7 @@ def kl_to_reference(config, run_dirs: list[Path], batch_size: int = 8) -> list[f
     the sampling temperature, the distribution the responses were drawn from."""
     from raft.modalities.text.config import LoraConfig
     from raft.modalities.text.model import load_policy
-    from raft.modalities.text.sft import build_example, collate
+    from raft.modalities.text.sft import IGNORE, build_example, collate
 
     temperature = config.generation.temperature or 1.0
     reference = load_policy(config.model, LoraConfig(), None).model
@@ -178,7 +178,7 @@ def kl_to_reference(config, run_dirs: list[Path], batch_size: int = 8) -> list[f
             mine = torch.log_softmax(policy.model(**inputs).logits[:, :-1].float() / temperature, -1)
             theirs = torch.log_softmax(reference(**inputs).logits[:, :-1].float() / temperature, -1)
             per_token = (mine.exp() * (mine - theirs)).sum(-1)
-            total += (per_token * (batch["labels"][:, 1:] != -100)).sum().item()
+            total += (per_token * (batch["labels"][:, 1:] != IGNORE)).sum().item()
         kls.append(total / max(1, len(examples)))
         del policy
     return kls

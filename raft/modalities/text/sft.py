@@ -39,7 +39,10 @@ def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     Both are [batch, length - 1]: position t holds token t + 1, which is predicted from positions <= t."""
     targets = labels[:, 1:]
     mask = targets != IGNORE
-    logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    logits = logits[:, :-1].float()
+    if temperature != 1.0:  # a [batch, length, vocabulary] copy: only when it changes something
+        logits = logits / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
     picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked * mask, mask
 
