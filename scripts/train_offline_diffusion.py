@@ -9,8 +9,9 @@ Four stages, each cached in --work-dir so a killed run picks up after its last f
 2. clip:      a small CLIPModel (ViT 32 px, patch 8), contrastive on images and their captions with hard
               negatives (wrong colour, shape, relation, binding), so it judges composition, not only words.
 3. vae:       a small AutoencoderKL, 32x32x3 pixels <-> 8x8x4 latents (MSE + a tiny KL term).
-4. unet:      a small UNet2DConditionModel, epsilon prediction on the VAE latents, conditioned on the frozen
-              CLIP text tower (as Stable Diffusion is), 10% empty captions for classifier-free guidance, EMA.
+4. denoiser:  a small UNet2DConditionModel and CLIP text encoder trained together from scratch (epsilon
+              prediction on the VAE latents, 10% empty captions for classifier-free guidance, EMA weights);
+              the text encoder is not the judging CLIP's, so policy and reward share no weights.
 
 The outputs are a StableDiffusionPipeline folder (`shapes-sd`) and a CLIP folder (`shapes-clip`) in
 --out (default: raft/modalities/diffusion/assets), plus `training.json` with the settings and the figures.
@@ -45,13 +46,17 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default=str(Path.home() / ".cache/raft/train-offline-diffusion"), help="stage cache")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every stage's step count (smoke runs)")
-    p.add_argument("--clip-steps", type=int, default=1200)
+    p.add_argument("--clip-steps", type=int, default=4000)
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--unet-pool", type=int, default=40000, help="images rendered and encoded once for the UNet")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bfloat16 autocast on CPU (weights and losses stay float32)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--stages", default="", help="comma-separated stages to run, e.g. clip or vae,denoiser (the "
+                   "denoiser needs the vae); default: all, then the assets are written")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default). 1 by default: on a shared 2-core machine, two OpenMP "
+                        "threads per process ran a UNet step 10x slower than one")
     return p.parse_args(argv)
 
 
@@ -269,26 +274,26 @@ def noise_schedulers():
             DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1))
 
 
-def text_encoder_from_clip(clip):
-    """Stable Diffusion's conditioning: the CLIP text tower (its last hidden states), frozen."""
-    from transformers import CLIPTextModel
+def text_encoder_model(tokenizer):
+    """Stable Diffusion's conditioning is a CLIP text encoder; this one is trained with the UNet, from scratch,
+    so the policy shares no weights with the CLIP model that judges it."""
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    encoder = CLIPTextModel(clip.config.text_config)
-    getattr(encoder, "text_model", encoder).load_state_dict(clip.text_model.state_dict())  # v4 nests, v5 does not
-    return encoder.eval()
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
 
 
-def stage_unet(work: Path, tokenizer, args) -> dict:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel
+def stage_denoiser(work: Path, tokenizer, args) -> dict:
+    """UNet and text encoder, trained together on VAE latents; EMA weights are saved. Resumable every 250 steps."""
+    from diffusers import AutoencoderKL
 
-    folder = work / "unet"
-    if (folder / "config.json").is_file():
+    folder, partial = work / "denoiser", work / "denoiser-partial.pt"
+    if (folder / "stats.json").is_file():
         return json.loads((folder / "stats.json").read_text())
     steps = max(1, int(args.unet_steps * args.steps_scale))
     pool_size = max(256, int(args.unet_pool * min(1.0, args.steps_scale * 4)))
-    clip = CLIPModel.from_pretrained(work / "clip").eval()
-    text_encoder = text_encoder_from_clip(clip)
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
 
     log("unet", f"rendering and encoding {pool_size} images")
@@ -296,9 +301,8 @@ def stage_unet(work: Path, tokenizer, args) -> dict:
     images, scenes = render(pool_size, rng)
     captions = sorted({s.caption for s in scenes} | {""})
     caption_index = {c: i for i, c in enumerate(captions)}
+    token_table = tokenize(tokenizer, captions)
     with torch.no_grad():
-        text_states = torch.cat([text_encoder(tokenize(tokenizer, captions[i : i + 256]))[0]
-                                 for i in range(0, len(captions), 256)])
         moments = torch.cat([vae.encode(to_tensor(images[i : i + 256])).latent_dist.parameters
                              for i in range(0, pool_size, 256)])  # mean and log-variance
     mean, logvar = moments.chunk(2, dim=1)
@@ -307,18 +311,31 @@ def stage_unet(work: Path, tokenizer, args) -> dict:
     empty = caption_index[""]
 
     torch.manual_seed(args.seed)
+    text_encoder = text_encoder_model(tokenizer)
     unet = unet_model(text_encoder.config.hidden_size)
-    ema = unet_model(text_encoder.config.hidden_size)
-    ema.load_state_dict(unet.state_dict())
+    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    ema = torch.nn.ModuleDict({"unet": unet_model(text_encoder.config.hidden_size),
+                               "text_encoder": text_encoder_model(tokenizer)})
+    ema.load_state_dict(models.state_dict())
     ema.requires_grad_(False)
     train_scheduler, _ = noise_schedulers()
     alphas = train_scheduler.alphas_cumprod
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(models.parameters(), lr=5e-4, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, 100))
     generator = torch.Generator().manual_seed(args.seed)
+    first = 0
+    if partial.is_file():
+        state = torch.load(partial, weights_only=True)
+        models.load_state_dict(state["models"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        first = state["step"]
+        log("unet", f"resuming after step {first}")
     batch, started = 64, time.perf_counter()
-    unet.train()
-    for step in range(steps):
+    models.train()
+    for step in range(first, steps):
         index = torch.randint(pool_size, (batch,), generator=generator)
         latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * vae.config.scaling_factor
         condition = labels[index].clone()
@@ -328,22 +345,30 @@ def stage_unet(work: Path, tokenizer, args) -> dict:
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         with autocast(args):
-            prediction = unet(noisy, t, text_states[condition]).sample
+            text_states = text_encoder(token_table[condition])[0]
+            prediction = unet(noisy, t, text_states).sample
         loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
+            for e, p in zip(ema.parameters(), models.parameters()):
                 e.lerp_(p, 1 - decay)
         if step % 100 == 0 or step == steps - 1:
             log("unet", f"step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+        if (step + 1) % 250 == 0 and step + 1 < steps:
+            torch.save({"models": models.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": step + 1},
+                       partial.with_suffix(".tmp"))
+            partial.with_suffix(".tmp").replace(partial)
     stats = {"steps": steps, "pool": pool_size, "seconds": round(time.perf_counter() - started)}
-    ema.save_pretrained(folder)
+    ema["unet"].save_pretrained(folder / "unet")
+    ema["text_encoder"].save_pretrained(folder / "text_encoder")
     (folder / "stats.json").write_text(json.dumps(stats, indent=1))
+    partial.unlink(missing_ok=True)
     return stats
 
 
@@ -381,13 +406,13 @@ def copy_tokenizer(source: Path, target: Path) -> None:
 
 def pipeline(work: Path, tokenizer):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPModel
+    from transformers import CLIPTextModel
 
-    clip = CLIPModel.from_pretrained(work / "clip").eval()
     _, inference_scheduler = noise_schedulers()
     return StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(work / "vae"), text_encoder=text_encoder_from_clip(clip), tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_pretrained(work / "unet"), scheduler=inference_scheduler,
+        vae=AutoencoderKL.from_pretrained(work / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(work / "denoiser" / "text_encoder"), tokenizer=tokenizer,
+        unet=UNet2DConditionModel.from_pretrained(work / "denoiser" / "unet"), scheduler=inference_scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
@@ -444,8 +469,15 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tokenizer = stage_tokenizer(work)
-    figures = {"clip": stage_clip(work, tokenizer, args), "vae": stage_vae(work, args),
-               "unet": stage_unet(work, tokenizer, args)}
+    stages = {"clip": lambda: stage_clip(work, tokenizer, args), "vae": lambda: stage_vae(work, args),
+              "denoiser": lambda: stage_denoiser(work, tokenizer, args)}
+    wanted = args.stages.split(",") if args.stages else list(stages)
+    unknown = [s for s in wanted if s not in stages]
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage {unknown[0]} (clip, vae, denoiser)")
+    figures = {name: stages[name]() for name in wanted}
+    if args.stages:  # a part of the work, e.g. two stages in two processes; run again without --stages to finish
+        return 0
     assemble(work, out, tokenizer)
     figures["base_model_held_out"] = evaluate_assets(out, work, args.seed)
     log("done", json.dumps(figures["base_model_held_out"]))
