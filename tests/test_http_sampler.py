@@ -35,7 +35,7 @@ def fresh(server):
 
 def sampler(server, **kwargs):
     settings = dict(url=server.url, model="tiny", sampling=SamplingSettings(max_new_tokens=5), api_key=KEY,
-                    max_retries=2, retry_backoff_s=0.01, timeout_s=20, progress=False)
+                    max_retries=2, retry_backoff_s=0.01, timeout_s=120, progress=False)
     return OpenAICompatibleSampler(**{**settings, **kwargs})
 
 
