@@ -28,11 +28,13 @@ class DiffusionModality(Modality):
         from raft.modalities.diffusion.data import load_prompts
         from raft.modalities.diffusion.evaluate import GRID_FILE, DiffusionEvaluator, write_grid
         from raft.modalities.diffusion.finetune import DiffusionFineTuner
+        from raft.modalities.diffusion.generators import build_external_generators, build_generator
         from raft.modalities.diffusion.model import load_policy, resolve_device
         from raft.modalities.diffusion.rankers import build_ranker, clip_model_of
         from raft.modalities.diffusion.sampler import DiffusionSampler
 
         data = load_prompts(config.data)  # first: bad data fails before a model is loaded
+        external = build_external_generators(config)  # files: also before the pipeline loads
         device = resolve_device(config.model.device)
         ranker = build_ranker(config.rankers, device)
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
@@ -55,7 +57,7 @@ class DiffusionModality(Modality):
         return Components(
             prompts=data.prompts,
             eval_prompts=data.eval_prompts,
-            generator=sampler,
+            generator=build_generator(config, external, policy),
             policy=sampler,
             ranker=ranker,
             finetuner=DiffusionFineTuner(policy, config.finetune, checkpoint),

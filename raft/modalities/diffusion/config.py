@@ -67,6 +67,37 @@ class DiffusionGenerationConfig:
 
 
 @dataclass
+class DiffusionGeneratorConfig:
+    kind: Literal["policy", "file"] = option(
+        "policy",
+        "policy: the pipeline being aligned samples (the default); file: pre-generated images listed in a file or "
+        "dataset (another model's, an earlier run's samples.jsonl, hand-picked ones).",
+    )
+    name: str | None = option(
+        None, "Name recorded in each sample's `generator` (default: the kind). A policy entry is always 'policy'.")
+    share: float = option(
+        1.0, "Relative share of the samples_per_prompt images of each prompt; shares are normalized over the list.")
+    sampling_template: str = option(
+        "{prompt}",
+        "Magic prompt: what the pipeline is given instead of the prompt, `{prompt}` replaced by it (e.g. '{prompt}, "
+        "highly detailed'). Sampling only: fine-tuning and the rankers use the original prompt; samples record "
+        "`prompt_sent`.",
+    )
+    sampling_negative_prompt: str | None = option(
+        None, "Negative prompt used only when sampling training images (null: generation.negative_prompt).")
+    path: str | None = option(
+        None,
+        "kind file: a .jsonl/.json/.csv/.parquet file, a folder saved by datasets' save_to_disk, or a hub dataset "
+        "id; one row per image. Relative image paths are read from the file's folder. Its prompts are matched "
+        "after data.prompt_template is applied.",
+    )
+    split: str = option("train", "kind file: the split of a hub dataset or of a saved DatasetDict.")
+    prompt_field: str = option("prompt", "kind file: column holding the prompt.")
+    image_field: str = option(
+        "output", "kind file: column holding the image path (`output` is what raft's samples.jsonl calls it).")
+
+
+@dataclass
 class DiffusionRankerConfig:
     kind: Literal["clip", "aesthetic", "compressibility", "incompressibility", "callable"] = option(
         "clip",
@@ -120,6 +151,10 @@ class DiffusionFinetuneConfig:
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
+    caption_dropout: float = option(
+        0.0,
+        "Share of the kept images trained with the empty prompt, so the unconditional prediction that "
+        "classifier-free guidance subtracts moves along with the conditional one.")
     carry_optimizer_state: bool = option(
         False, "Keep AdamW moments across iterations (and in checkpoints). Off: a fresh optimizer each iteration.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet during fine-tuning.")
@@ -147,6 +182,12 @@ class DiffusionRaftConfig(RaftConfig):
     model: DiffusionModelConfig = option(DiffusionModelConfig(), "The text-to-image pipeline.")
     data: DiffusionDataConfig = option(DiffusionDataConfig(), "Prompts and held-out prompts.")
     generation: DiffusionGenerationConfig = option(DiffusionGenerationConfig(), "Sampling settings.")
+    generators: list[DiffusionGeneratorConfig] = option(
+        [DiffusionGeneratorConfig()],
+        "Where the training images come from: the policy (default, optionally with a magic prompt), files of "
+        "pre-generated images, or a mixture of them by share. The held-out evaluation always samples the policy "
+        "with the plain prompt.",
+    )
     rankers: list[DiffusionRankerConfig] = option([DiffusionRankerConfig()], "Rewards; several are combined as a weighted sum.")
     finetune: DiffusionFinetuneConfig = option(DiffusionFinetuneConfig(), "Fine-tuning on the kept images (denoising loss).")
     eval: DiffusionEvalConfig = option(DiffusionEvalConfig(), "Held-out evaluation.")
@@ -160,6 +201,7 @@ class DiffusionRaftConfig(RaftConfig):
         _check(g.guidance_scale >= 0, "generation.guidance_scale", "must be >= 0")
         _check(0 <= g.eta <= 1, "generation.eta", "must be in [0, 1]")
         _check(g.batch_size >= 1, "generation.batch_size", "must be >= 1")
+        self._validate_generators()
         _check(bool(self.rankers), "rankers", "must list at least one ranker")
         for i, ranker in enumerate(self.rankers):
             _check(ranker.kind != "callable" or bool(ranker.function), f"rankers.{i}.function", "is required by kind callable")
@@ -171,6 +213,7 @@ class DiffusionRaftConfig(RaftConfig):
         f = self.finetune
         _check(f.learning_rate > 0, "finetune.learning_rate", "must be > 0")
         _check(f.epochs >= 1, "finetune.epochs", "must be >= 1")
+        _check(0 <= f.caption_dropout < 1, "finetune.caption_dropout", "must be in [0, 1)")
         _check(f.batch_size >= 1, "finetune.batch_size", "must be >= 1")
         _check(f.gradient_accumulation_steps >= 1 and f.batch_size % f.gradient_accumulation_steps == 0,
                "finetune.gradient_accumulation_steps", "must be >= 1 and divide finetune.batch_size")
@@ -181,3 +224,29 @@ class DiffusionRaftConfig(RaftConfig):
         _check(self.data.eval_size >= 1, "data.eval_size", "must be >= 1")
         _check(self.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
         _check(self.eval.grid_prompts >= 0, "eval.grid_prompts", "must be >= 0")
+
+    def _validate_generators(self) -> None:
+        from raft.generators.mixture import split_counts
+
+        entries = self.generators
+        _check(bool(entries), "generators", "must list at least one generator (kind policy samples the policy)")
+        names: dict[str, int] = {}
+        for i, g in enumerate(entries):
+            where = f"generators.{i}"
+            _check(g.share > 0, f"{where}.share", "must be > 0")
+            _check(g.kind != "policy" or g.name in (None, "policy"), f"{where}.name",
+                   "of kind policy is always 'policy' (what reward/policy_mean counts)")
+            name = "policy" if g.kind == "policy" else g.name or g.kind
+            _check(name not in names, f"{where}.name",
+                   f"'{name}' is also generators.{names.get(name)}'s; give each generator its own name")
+            names[name] = i
+            _check("{prompt}" in g.sampling_template, f"{where}.sampling_template", "must contain {prompt}")
+            if g.kind == "file":
+                _check(bool(g.path), f"{where}.path", "is required by kind file")
+                _check(g.sampling_template == "{prompt}" and g.sampling_negative_prompt is None, f"{where}.sampling_template",
+                      "and sampling_negative_prompt do not apply to kind file: its images are already generated")
+        counts = split_counts([g.share for g in entries], self.samples_per_prompt)
+        for i, count in enumerate(counts):
+            _check(count >= 1, f"generators.{i}.share",
+                   f"gives it 0 of the samples_per_prompt ({self.samples_per_prompt}) images of a prompt; "
+                   "raise its share or samples_per_prompt")

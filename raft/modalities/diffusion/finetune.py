@@ -68,9 +68,14 @@ class DiffusionFineTuner(FineTuner):
             texts.append(policy.encode_prompts([s.prompt for s in chunk]))
         return torch.cat(moments), torch.cat(texts)
 
-    def loss(self, moments: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Mean squared error of the UNet's noise (or velocity) prediction on one micro-batch."""
+    def loss(self, moments: torch.Tensor, text: torch.Tensor, generator: torch.Generator,
+             empty: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean squared error of the UNet's noise (or velocity) prediction on one micro-batch; with `empty`, a
+        `caption_dropout` share of the rows is conditioned on the empty prompt instead."""
         policy, scheduler = self.policy, self.noise_scheduler
+        if empty is not None:
+            dropped = torch.rand(len(text), generator=generator) < self.config.caption_dropout
+            text = torch.where(dropped.to(text.device)[:, None, None], empty.expand_as(text), text)
         vae_config = policy.pipeline.vae.config
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -95,6 +100,13 @@ class DiffusionFineTuner(FineTuner):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         moments, texts = self.encode(selected)
+        # Classifier-free guidance samples from uncond + w * (cond - uncond): training the conditional branch
+        # alone lets the shared weights move the unconditional one unchecked, and guidance amplifies that drift
+        # (w - 1)-fold. Training some rows on the empty prompt, as the base model was, keeps both in step.
+        empty = None
+        if config.caption_dropout > 0:
+            with torch.no_grad():
+                empty = policy.encode_prompts([""])
         optimizer = self.optimizer if self.optimizer is not None else self._new_optimizer()
         if config.carry_optimizer_state:
             self.optimizer = optimizer
@@ -109,7 +121,7 @@ class DiffusionFineTuner(FineTuner):
             step_loss = 0.0
             for j in range(0, len(step), micro):
                 index = torch.tensor(step[j : j + micro])
-                loss = self.loss(moments[index], texts[index], generator)
+                loss = self.loss(moments[index], texts[index], generator, empty)
                 (loss * len(index) / len(step)).backward()
                 step_loss += loss.item() * len(index) / len(step)
             if config.max_grad_norm > 0:
