@@ -155,6 +155,11 @@ class DiffusionFinetuneConfig:
         0.0,
         "Share of the kept images trained with the empty prompt, so the unconditional prediction that "
         "classifier-free guidance subtracts moves along with the conditional one.")
+    timestep_range: list[float] = option(
+        [0.0, 1.0],
+        "Training timesteps are drawn uniformly from this share of the noise schedule ([0, 1]: all, the standard "
+        "loss). Layout and composition are decided at the noisy end, so [0.5, 1.0] trains where a prompt-image "
+        "agreement reward is won and leaves the fine detail of the low-noise steps alone.")
     carry_optimizer_state: bool = option(
         False, "Keep AdamW moments across iterations (and in checkpoints). Off: a fresh optimizer each iteration.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet during fine-tuning.")
@@ -214,6 +219,8 @@ class DiffusionRaftConfig(RaftConfig):
         _check(f.learning_rate > 0, "finetune.learning_rate", "must be > 0")
         _check(f.epochs >= 1, "finetune.epochs", "must be >= 1")
         _check(0 <= f.caption_dropout < 1, "finetune.caption_dropout", "must be in [0, 1)")
+        r = f.timestep_range
+        _check(len(r) == 2 and 0 <= r[0] < r[1] <= 1, "finetune.timestep_range", "must be [low, high] with 0 <= low < high <= 1")
         _check(f.batch_size >= 1, "finetune.batch_size", "must be >= 1")
         _check(f.gradient_accumulation_steps >= 1 and f.batch_size % f.gradient_accumulation_steps == 0,
                "finetune.gradient_accumulation_steps", "must be >= 1 and divide finetune.batch_size")

@@ -84,7 +84,9 @@ class DiffusionFineTuner(FineTuner):
         shift = getattr(vae_config, "shift_factor", None) or 0.0
         latents = (latents - shift) * vae_config.scaling_factor
         noise = draw(latents.shape)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        total = scheduler.config.num_train_timesteps
+        low, high = (round(f * total) for f in self.config.timestep_range)
+        timesteps = torch.randint(low, max(high, low + 1), (len(latents),), generator=generator)
         timesteps = timesteps.to(policy.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         if scheduler.config.prediction_type == "v_prediction":
