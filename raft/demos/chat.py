@@ -129,7 +129,8 @@ def build_app(models: ChatModels, max_input_chars: int) -> gr.Blocks:
             outputs = {}
             for side in SIDES:
                 with gr.Column():
-                    outputs[side] = gr.Chatbot(label=f"{side.capitalize()} model", elem_id=f"{side}-chat", height=420)
+                    outputs[side] = gr.Chatbot(label=f"{side.capitalize()} model", elem_id=f"{side}-chat", height=420,
+                                                 buttons=["copy", "copy_all"])
                     outputs[f"{side}_reward"] = gr.Markdown("reward: —", elem_id=f"{side}-reward")
         box = gr.Textbox(label="Message (sent to both models)", elem_id="message", submit_btn=True,
                          placeholder="I feel lonely tonight.", info=f"at most {max_input_chars} characters")
@@ -164,7 +165,10 @@ def build_app(models: ChatModels, max_input_chars: int) -> gr.Blocks:
                    reward_line(history, "aligned"), note, "", history)
 
         box.submit(respond, [box, turns], [*views, status, box, turns])
-        clear.click(lambda: ([], [], "reward: —", "reward: —", "", []), None, [*views, status, turns])
+        reset = lambda: ([], [], "reward: —", "reward: —", "", [])  # noqa: E731
+        # the button and each pane's own trash icon start a new conversation in both panes
+        for event in (clear.click, outputs["base"].clear, outputs["aligned"].clear):
+            event(reset, None, [*views, status, turns])
     return app
 
 

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from raft.config import RaftConfig
 from raft.errors import RaftError
 from raft.rundir import RunDirectory
@@ -42,9 +44,10 @@ def open_run(path: str | Path, modality: str, base: str | None = None) -> DemoRu
     overrides = [f"model.name_or_path={base}"] if base else []
     for run_dir in (path, path.parent.parent):  # <run>/ or <run>/checkpoints/iter-NNNN/
         if (run_dir / "config.yaml").is_file():
+            saved = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("modality", "text")
+            if saved != modality:
+                raise RaftError(f"--run: '{run_dir}' is a {saved} run, not {modality}")
             config = raft.load_config(modality, run_dir / "config.yaml", overrides)
-            if config.modality != modality:
-                raise RaftError(f"--run: '{run_dir}' is a {config.modality} run, not {modality}")
             checkpoint = path if run_dir != path else RunDirectory(run_dir).latest_checkpoint()
             return DemoRun(config, checkpoint, run_dir)
 
