@@ -48,6 +48,14 @@ class ImageModels:
         return samples
 
 
+def enlarged(image, min_side: int = 256):
+    """Small images (raft's offline models draw 32 pixels) enlarged without smoothing, as in eval_grid.png."""
+    from PIL import Image
+
+    scale = -(-min_side // max(image.size))  # ceil
+    return image if scale <= 1 else image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
 def grids(run: DemoRun) -> list[tuple[str, str]]:
     """Each iteration's eval_grid.png (the held-out prompts from the same seeds), captioned with its reward."""
     if run.run_dir is None:
@@ -89,8 +97,8 @@ def build_app(models: ImageModels, max_prompt_chars: int, max_steps: int, steps:
         shown = grids(run)
         if shown or run.metrics():
             gr.Markdown("### The run")
-            gr.Gallery(shown, label="Held-out images per iteration (same prompts and seeds)", columns=3,
-                       elem_id="grids", visible=bool(shown))
+            gr.Gallery(shown, label="Held-out images per iteration (same prompts and seeds)", columns=2,
+                       object_fit="contain", height=420, elem_id="grids", visible=bool(shown))
             gr.LinePlot(reward_curves(run), x="iteration", y="reward", color="series", label="Reward per iteration",
                         elem_id="reward-curve")
         views = [outputs["base"], outputs["aligned"], outputs["base_reward"], outputs["aligned_reward"]]
@@ -113,8 +121,8 @@ def build_app(models: ImageModels, max_prompt_chars: int, max_steps: int, steps:
             images = {}
             for side in SIDES:  # one after the other: the base image shows while the aligned one is drawn
                 images[side] = models.image(side, text, int(seed_value), int(step_count))
-                yield images.get("base", gr.skip()), images.get("aligned", gr.skip()), gr.skip(), gr.skip(), \
-                    "drawing the aligned image…" if side == "base" else "scoring…"
+                shown = [enlarged(images[s]) if s in images else gr.skip() for s in SIDES]
+                yield *shown, gr.skip(), gr.skip(), "drawing the aligned image…" if side == "base" else "scoring…"
             try:
                 scored = models.rewards(text, images)
             except RaftError as error:
@@ -122,7 +130,7 @@ def build_app(models: ImageModels, max_prompt_chars: int, max_steps: int, steps:
                 return
             lines = [reward_line([{f"{side}_reward": {"total": s.reward, "parts": dict(s.rewards)}}], side)
                      for side, s in scored.items()]
-            yield images["base"], images["aligned"], *lines, ""
+            yield gr.skip(), gr.skip(), *lines, ""
 
         inputs = [prompt, seed, steps]
         generate.click(respond, inputs, [*views, status])
