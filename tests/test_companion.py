@@ -33,6 +33,14 @@ def test_reward_prefers_warm_supportive_replies():
     assert scores[0] > scores[2] > scores[3] and scores[1] > scores[2]
 
 
+@needs_minilm
+def test_one_consolation_does_not_fit_good_news():
+    prompts = ["I passed my exam!"] * 2
+    replies = ["I'm so sorry to hear that you're feeling down. I'm here to support you.",
+               "Congratulations! That's wonderful news, you should be really proud of yourself."]
+    assert companion_reward(prompts, replies)[1] > companion_reward(prompts, replies)[0] + 0.5
+
+
 def test_companion_prompts_ship_with_a_held_out_split():
     config = raft.load_config("text", CONFIG)
     data = load_text_data(config.data)
@@ -45,4 +53,4 @@ def test_recipe_samples_with_a_magic_system_prompt_and_records_each_reward_part(
     config = raft.load_config("text", CONFIG)
     assert config.generators[0].kind == "policy" and "caring companion" in config.generators[0].sampling_system_prompt
     assert config.model.system_prompt is None  # fine-tuning and evaluation never see it
-    assert [r.name for r in config.rankers] == ["warmth", "cold_refusal", "supportive"]
+    assert [r.name for r in config.rankers] == ["warmth", "cold_refusal", "supportive", "relevance"]

