@@ -3,7 +3,7 @@
     python scripts/train_offline_diffusion.py                 # everything, then writes the package assets
     python scripts/train_offline_diffusion.py --steps-scale 0.05 --out /tmp/assets   # a quick smoke run
 
-Four stages, each cached in --work-dir so a killed run picks up after its last finished stage:
+Five stages, each cached in --work-dir so a killed run picks up after its last finished stage:
 
 1. tokenizer: a CLIP BPE tokenizer whose vocabulary holds every word of the world.
 2. clip:      a small CLIPModel (ViT 32 px, patch 8), contrastive on images and their captions with hard
@@ -12,6 +12,9 @@ Four stages, each cached in --work-dir so a killed run picks up after its last f
 4. denoiser:  a small UNet2DConditionModel and CLIP text encoder trained together from scratch (epsilon
               prediction on the VAE latents, 10% empty captions for classifier-free guidance, EMA weights);
               the text encoder is not the judging CLIP's, so policy and reward share no weights.
+5. noisy_captions: the denoiser trained further on images of which 30% carry a wrong caption (a hard
+              negative), as web captions do; this is the shipped model, which follows its prompts only partly
+              (--caption-noise 0 ships the exact-caption model instead).
 
 The outputs are a StableDiffusionPipeline folder (`shapes-sd`) and a CLIP folder (`shapes-clip`) in
 --out (default: raft/modalities/diffusion/assets), plus `training.json` with the settings and the figures.
@@ -20,6 +23,7 @@ The outputs are a StableDiffusionPipeline folder (`shapes-sd`) and a CLIP folder
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -50,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--unet-pool", type=int, default=40000, help="images rendered and encoded once for the UNet")
+    p.add_argument("--caption-noise", type=float, default=0.3,
+                   help="share of miscaptioned images in the last stage (0: skip it, ship the exact-caption model)")
+    p.add_argument("--noisy-steps", type=int, default=600, help="steps of the miscaptioned stage")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bfloat16 autocast on CPU (weights and losses stay float32)")
     p.add_argument("--stages", default="", help="comma-separated stages to run, e.g. clip or vae,denoiser (the "
@@ -285,42 +292,90 @@ def text_encoder_model(tokenizer):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
 
 
+def encode_pool(vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the VAE posterior of every image (latents are re-sampled each step)."""
+    with torch.no_grad():
+        moments = torch.cat([vae.encode(to_tensor(images[i : i + 256])).latent_dist.parameters
+                             for i in range(0, len(images), 256)])
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, torch.exp(0.5 * logvar.clamp(-30, 20))
+
+
 def stage_denoiser(work: Path, tokenizer, args) -> dict:
     """UNet and text encoder, trained together on VAE latents; EMA weights are saved. Resumable every 250 steps."""
     from diffusers import AutoencoderKL
 
-    folder, partial = work / "denoiser", work / "denoiser-partial.pt"
+    folder = work / "denoiser"
     if (folder / "stats.json").is_file():
         return json.loads((folder / "stats.json").read_text())
     steps = max(1, int(args.unet_steps * args.steps_scale))
     pool_size = max(256, int(args.unet_pool * min(1.0, args.steps_scale * 4)))
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
-
     log("unet", f"rendering and encoding {pool_size} images")
     rng = np.random.default_rng([args.seed, 4])
     images, scenes = render(pool_size, rng)
-    captions = sorted({s.caption for s in scenes} | {""})
-    caption_index = {c: i for i, c in enumerate(captions)}
-    token_table = tokenize(tokenizer, captions)
-    with torch.no_grad():
-        moments = torch.cat([vae.encode(to_tensor(images[i : i + 256])).latent_dist.parameters
-                             for i in range(0, pool_size, 256)])  # mean and log-variance
-    mean, logvar = moments.chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30, 20))
-    labels = torch.tensor([caption_index[s.caption] for s in scenes])
-    empty = caption_index[""]
-
     torch.manual_seed(args.seed)
     text_encoder = text_encoder_model(tokenizer)
-    unet = unet_model(text_encoder.config.hidden_size)
-    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
-    ema = torch.nn.ModuleDict({"unet": unet_model(text_encoder.config.hidden_size),
-                               "text_encoder": text_encoder_model(tokenizer)})
-    ema.load_state_dict(models.state_dict())
+    models = torch.nn.ModuleDict({"unet": unet_model(text_encoder.config.hidden_size), "text_encoder": text_encoder})
+    stats = train_denoiser("unet", models, vae, images, [s.caption for s in scenes], tokenizer, steps, 5e-4,
+                           work / "denoiser-partial.pt", args)
+    save_denoiser(stats, folder)
+    return stats
+
+
+def stage_noisy_captions(work: Path, tokenizer, args) -> dict:
+    """The denoiser, trained on captions of which a share (--caption-noise) is wrong in one respect.
+
+    Web-scale captions are noisy, and models trained on them follow prompts only partly: that is what a
+    prompt-image agreement reward corrects, and what RAFT is for. Trained on exact captions only, the shapes
+    model follows its prompts as well as its data do, so fine-tuning on its own best images teaches it nothing
+    its data did not. Here every corrupted caption is one of the scene's hard negatives (wrong relation,
+    objects swapped, wrong colour, shape or binding), fixed per image like a web caption."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = work / "denoiser-noisy"
+    if (folder / "stats.json").is_file():
+        return json.loads((folder / "stats.json").read_text())
+    steps = max(1, int(args.noisy_steps * args.steps_scale))
+    pool_size = max(256, int(args.unet_pool // 2 * min(1.0, args.steps_scale * 4)))
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    log("noisy", f"rendering and encoding {pool_size} images, {args.caption_noise:.0%} of them miscaptioned")
+    rng = np.random.default_rng([args.seed, 5])
+    images, scenes = render(pool_size, rng)
+    captions = [str(rng.choice(world.hard_negatives(s, rng))) if rng.random() < args.caption_noise else s.caption
+                for s in scenes]
+    models = torch.nn.ModuleDict({"unet": UNet2DConditionModel.from_pretrained(work / "denoiser" / "unet"),
+                                  "text_encoder": CLIPTextModel.from_pretrained(work / "denoiser" / "text_encoder")})
+    stats = train_denoiser("noisy", models, vae, images, captions, tokenizer, steps, 2e-4,
+                           work / "denoiser-noisy-partial.pt", args)
+    stats["caption_noise"] = args.caption_noise
+    save_denoiser(stats, folder)
+    return stats
+
+
+def save_denoiser(stats: dict, folder: Path) -> None:
+    ema = stats.pop("ema")
+    ema["unet"].save_pretrained(folder / "unet")
+    ema["text_encoder"].save_pretrained(folder / "text_encoder")
+    (folder / "stats.json").write_text(json.dumps(stats, indent=1))
+
+
+def train_denoiser(name: str, models: torch.nn.ModuleDict, vae, images: np.ndarray, image_captions: list[str],
+                   tokenizer, steps: int, lr: float, partial: Path, args) -> dict:
+    """Epsilon-prediction training with 10% empty captions (for classifier-free guidance) and EMA weights."""
+    mean, std = encode_pool(vae, images)
+    captions = sorted(set(image_captions) | {""})
+    caption_index = {c: i for i, c in enumerate(captions)}
+    token_table = tokenize(tokenizer, captions)
+    labels = torch.tensor([caption_index[c] for c in image_captions])
+    empty, pool_size = caption_index[""], len(images)
+
+    ema = copy.deepcopy(models)
     ema.requires_grad_(False)
     train_scheduler, _ = noise_schedulers()
     alphas = train_scheduler.alphas_cumprod
-    optimizer = torch.optim.AdamW(models.parameters(), lr=5e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(models.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, 100))
     generator = torch.Generator().manual_seed(args.seed)
     first = 0
@@ -332,7 +387,7 @@ def stage_denoiser(work: Path, tokenizer, args) -> dict:
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
         first = state["step"]
-        log("unet", f"resuming after step {first}")
+        log(name, f"resuming after step {first}")
     batch, started = 64, time.perf_counter()
     models.train()
     for step in range(first, steps):
@@ -345,8 +400,8 @@ def stage_denoiser(work: Path, tokenizer, args) -> dict:
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         with autocast(args):
-            text_states = text_encoder(token_table[condition])[0]
-            prediction = unet(noisy, t, text_states).sample
+            text_states = models["text_encoder"](token_table[condition])[0]
+            prediction = models["unet"](noisy, t, text_states).sample
         loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
@@ -358,25 +413,21 @@ def stage_denoiser(work: Path, tokenizer, args) -> dict:
             for e, p in zip(ema.parameters(), models.parameters()):
                 e.lerp_(p, 1 - decay)
         if step % 100 == 0 or step == steps - 1:
-            log("unet", f"step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+            log(name, f"step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
         if (step + 1) % 250 == 0 and step + 1 < steps:
             torch.save({"models": models.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": step + 1},
                        partial.with_suffix(".tmp"))
             partial.with_suffix(".tmp").replace(partial)
-    stats = {"steps": steps, "pool": pool_size, "seconds": round(time.perf_counter() - started)}
-    ema["unet"].save_pretrained(folder / "unet")
-    ema["text_encoder"].save_pretrained(folder / "text_encoder")
-    (folder / "stats.json").write_text(json.dumps(stats, indent=1))
     partial.unlink(missing_ok=True)
-    return stats
+    return {"steps": steps, "pool": pool_size, "seconds": round(time.perf_counter() - started), "ema": ema}
 
 
 # ----------------------------------------------------------------------------------------------
 # assembling the assets
 
 
-def assemble(work: Path, out: Path, tokenizer) -> None:
+def assemble(work: Path, out: Path, tokenizer, noisy: bool) -> None:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPModel
 
@@ -386,7 +437,7 @@ def assemble(work: Path, out: Path, tokenizer) -> None:
                                    crop_size={"height": world.SIZE, "width": world.SIZE}, do_rescale=True,
                                    do_normalize=True, image_mean=[CLIP_MEAN] * 3, image_std=[CLIP_STD] * 3)
     for name, save in [("shapes-clip", lambda d: (clip.save_pretrained(d), processor.save_pretrained(d))),
-                       ("shapes-sd", lambda d: pipeline(work, tokenizer).save_pretrained(d))]:
+                       ("shapes-sd", lambda d: pipeline(work, tokenizer, noisy).save_pretrained(d))]:
         tmp = out / f"{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save(tmp)
@@ -404,15 +455,16 @@ def copy_tokenizer(source: Path, target: Path) -> None:
         shutil.copy(file, target / file.name)
 
 
-def pipeline(work: Path, tokenizer):
+def pipeline(work: Path, tokenizer, noisy: bool):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     _, inference_scheduler = noise_schedulers()
+    denoiser = work / ("denoiser-noisy" if noisy else "denoiser")
     return StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(work / "denoiser" / "text_encoder"), tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_pretrained(work / "denoiser" / "unet"), scheduler=inference_scheduler,
+        text_encoder=CLIPTextModel.from_pretrained(denoiser / "text_encoder"), tokenizer=tokenizer,
+        unet=UNet2DConditionModel.from_pretrained(denoiser / "unet"), scheduler=inference_scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
@@ -470,15 +522,16 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     tokenizer = stage_tokenizer(work)
     stages = {"clip": lambda: stage_clip(work, tokenizer, args), "vae": lambda: stage_vae(work, args),
-              "denoiser": lambda: stage_denoiser(work, tokenizer, args)}
-    wanted = args.stages.split(",") if args.stages else list(stages)
+              "denoiser": lambda: stage_denoiser(work, tokenizer, args),
+              "noisy_captions": lambda: stage_noisy_captions(work, tokenizer, args)}
+    wanted = args.stages.split(",") if args.stages else [s for s in stages if s != "noisy_captions" or args.caption_noise > 0]
     unknown = [s for s in wanted if s not in stages]
     if unknown:
-        raise SystemExit(f"--stages: unknown stage {unknown[0]} (clip, vae, denoiser)")
+        raise SystemExit(f"--stages: unknown stage {unknown[0]} ({', '.join(stages)})")
     figures = {name: stages[name]() for name in wanted}
     if args.stages:  # a part of the work, e.g. two stages in two processes; run again without --stages to finish
         return 0
-    assemble(work, out, tokenizer)
+    assemble(work, out, tokenizer, noisy=args.caption_noise > 0)
     figures["base_model_held_out"] = evaluate_assets(out, work, args.seed)
     log("done", json.dumps(figures["base_model_held_out"]))
     summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
