@@ -57,6 +57,18 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot (10x seen) when other processes share
+    the cores; tests that train one for many steps use this."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

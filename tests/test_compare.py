@@ -118,3 +118,10 @@ def test_baseline_commands_refuse_bad_input_in_one_line(args, expected):
     result = subprocess.run([sys.executable, "-m", "raft", *args], capture_output=True, text=True, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("raft: error:")]
     assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+def test_max_train_seconds_stops_the_loop_between_iterations(tiny_model_dir, prompt_file, tmp_path, one_thread):
+    overrides = tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run") + ["iterations=4", "max_train_seconds=1e-6"]
+    run_dir = raft.run(raft.load_config("text", overrides=overrides))
+    # evaluation does not count, so iteration 1 starts; its training spends the budget, so iteration 2 does not
+    assert json.loads((run_dir / "state.json").read_text()) == {"completed_iteration": 1}

@@ -19,13 +19,7 @@ from conftest import tiny_overrides
 from rewards import vowel_share
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_clipped_policy_loss_has_zero_gradient_outside_the_clip_range():

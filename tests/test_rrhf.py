@@ -85,7 +85,7 @@ def test_rrhf_step_is_the_mean_of_each_prompts_loss_computed_one_candidate_at_a_
     policy.model.zero_grad()
 
 
-def test_rrhf_training_orders_the_candidates_as_the_reward(tiny_model_dir):
+def test_rrhf_training_orders_the_candidates_as_the_reward(tiny_model_dir, one_thread):
     policy = load_policy(TextModelConfig(name_or_path=str(tiny_model_dir), device="cpu"), LoraConfig(), None)
     tuner = RrhfFineTuner(policy, TextFinetuneConfig(objective="rrhf", learning_rate=1e-2, epochs=15, batch_size=2),
                           None, progress=False)
