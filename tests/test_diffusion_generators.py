@@ -90,12 +90,18 @@ def test_a_file_of_images_alone_fine_tunes_the_policy(tiny_sd_dir, tiny_clip_dir
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(metrics[1]["train/loss"]) and metrics[1]["train/steps"] > 0
     assert metrics[1].get("reward/policy_mean") is None  # the policy drew no training sample
-    # the policy changed: its held-out images from the same seeds differ after fine-tuning on the file's images
+    # the policy changed: the adapter's up-projections start at zero and were trained, so the held-out images
+    # from the same seeds differ after fine-tuning on the file's images
+    from safetensors.torch import load_file
+
+    adapter = load_file(run_dir / "checkpoints/iter-0001/pytorch_lora_weights.safetensors")
+    up = [tensor for name, tensor in adapter.items() if "lora_B" in name or "lora.up" in name]
+    assert up and max(float(t.abs().max()) for t in up) > 0
     before = [np.asarray(Image.open(run_dir / "iterations/iter-0000" / r["output"]), dtype=np.int16)
               for r in records(run_dir, 0, "eval_samples")]
     after = [np.asarray(Image.open(run_dir / "iterations/iter-0001" / r["output"]), dtype=np.int16)
              for r in records(run_dir, 1, "eval_samples")]
-    assert np.abs(np.stack(before) - np.stack(after)).max() > 8
+    assert np.abs(np.stack(before) - np.stack(after)).max() > 0
 
 
 def test_a_missing_image_is_named_in_one_line(tiny_sd_dir, tiny_clip_dir, tmp_path):
