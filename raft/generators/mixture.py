@@ -8,6 +8,7 @@ local selection keeps whichever is best.
 from __future__ import annotations
 
 from raft.errors import RaftError
+from raft.generators.prompts import PLACEHOLDER, SamplingPrompt
 from raft.generators.sampling import seed_of
 from raft.interface import Generator, Sample
 
@@ -49,3 +50,11 @@ class Mixture(Generator):
             for sample in samples:
                 by_prompt[sample.prompt_index].append(sample)
         return [sample for group in by_prompt for sample in group]
+
+
+def assemble(parts: list[Generator], entries: list) -> Generator:
+    """The training generator of a `generators:` list: each part wrapped in its entry's magic prompt
+    (`sampling_template`), then the single part, or a `Mixture` of the parts by the entries' shares."""
+    parts = [part if entry.sampling_template == PLACEHOLDER else SamplingPrompt(part, entry.sampling_template)
+             for part, entry in zip(parts, entries)]
+    return parts[0] if len(parts) == 1 else Mixture(parts, [entry.share for entry in entries])

@@ -9,8 +9,9 @@ from pathlib import Path
 from PIL import Image
 
 from raft.errors import RaftError
-from raft.generators import FileSampler, Mixture, SamplingPrompt
-from raft.generators.prompts import PLACEHOLDER, apply_template
+from raft.generators import FileSampler
+from raft.generators.mixture import assemble
+from raft.generators.prompts import apply_template
 from raft.interface import Generator, Sample
 from raft.modalities.diffusion.config import DiffusionRaftConfig
 from raft.modalities.diffusion.model import DiffusionPolicy
@@ -64,13 +65,7 @@ def build_generator(config: DiffusionRaftConfig, external: dict[int, Generator],
             settings = config.generation
             if entry.sampling_negative_prompt is not None:
                 settings = replace(settings, negative_prompt=entry.sampling_negative_prompt)
-            part = DiffusionSampler(policy, settings)
+            parts.append(DiffusionSampler(policy, settings))
         else:
-            part = external[index]
-        if entry.sampling_template != PLACEHOLDER:
-            part = SamplingPrompt(part, entry.sampling_template)
-        parts.append(part)
-    if len(parts) == 1:
-        return parts[0]
-    return Mixture(parts, [entry.share for entry in config.generators])
-
+            parts.append(external[index])
+    return assemble(parts, config.generators)

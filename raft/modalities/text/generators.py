@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 
 from raft.errors import RaftError
-from raft.generators import FileSampler, Mixture, OpenAICompatibleSampler, SamplingPrompt, SamplingSettings
-from raft.generators.prompts import PLACEHOLDER, apply_template
+from raft.generators import FileSampler, OpenAICompatibleSampler, SamplingSettings
+from raft.generators.mixture import assemble
+from raft.generators.prompts import apply_template
 from raft.interface import Generator
 from raft.modalities.text.config import TextGeneratorConfig, TextRaftConfig
 from raft.modalities.text.model import TextPolicy
@@ -63,15 +64,6 @@ def build_external(config: TextRaftConfig, index: int, entry: TextGeneratorConfi
 
 def build_generator(config: TextRaftConfig, external: dict[int, Generator], policy: TextPolicy) -> Generator:
     """The generator of the training samples: one part, or a `Mixture` of the parts by share."""
-    parts = []
-    for index, entry in enumerate(config.generators):
-        if entry.kind == "policy":
-            part = TextSampler(policy, config.generation, system_prompt=entry.sampling_system_prompt)
-        else:
-            part = external[index]
-        if entry.sampling_template != PLACEHOLDER:
-            part = SamplingPrompt(part, entry.sampling_template)
-        parts.append(part)
-    if len(parts) == 1:
-        return parts[0]
-    return Mixture(parts, [entry.share for entry in config.generators])
+    parts = [TextSampler(policy, config.generation, system_prompt=entry.sampling_system_prompt)
+             if entry.kind == "policy" else external[index] for index, entry in enumerate(config.generators)]
+    return assemble(parts, config.generators)
