@@ -164,3 +164,29 @@ def test_cli_reports_a_bad_run_directory_in_one_line(tmp_path, capsys):
 
     assert main(["demo", "chat", "--run", str(tmp_path)]) == 2
     assert "neither a run directory (no config.yaml) nor a text checkpoint" in capsys.readouterr().err
+
+
+def test_image_demo_serves_the_shipped_offline_default(browser, tmp_path):
+    """The image demo on a (one-iteration, few-image) run of builtin:shapes, the model `raft run --modality
+    diffusion` aligns, rather than on a tiny random pipeline."""
+    from raft.demos.image import launch
+    from raft.modalities.diffusion.model import ASSETS
+
+    if not (ASSETS / "shapes-sd").is_dir():
+        pytest.skip("offline diffusion assets not built")
+    run_dir = raft.run(raft.load_config("diffusion", overrides=[
+        f"run_dir={tmp_path / 'run'}", "iterations=1", "prompts_per_iteration=2", "samples_per_prompt=2",
+        "data.eval_size=2", "eval.samples_per_prompt=1", "generation.num_inference_steps=5"]))
+    app = launch(str(run_dir), max_steps=10, block=False)
+    try:
+        page = browser.new_page()
+        page.goto(app.local_url)
+        page.locator("#prompt textarea").fill("a red circle above a blue square")
+        page.locator("#generate").click()
+        for side in ("base", "aligned"):
+            sync_api.expect(page.locator(f"#{side}-reward")).to_contain_text(REWARD, timeout=REPLY_TIMEOUT_MS)
+            sync_api.expect(page.locator(f"#{side}-image img")).to_have_count(1)
+        sync_api.expect(page.locator("#grids")).to_contain_text("iteration 1 · held-out reward")
+        screenshot(page, tmp_path / "image-offline-default.png")
+    finally:
+        app.close()
