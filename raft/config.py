@@ -86,6 +86,60 @@ def _check(condition: bool, name: str, message: str) -> None:
         raise ConfigError(f"config: {name} {message}")
 
 
+
+@dataclass
+class GeneratorConfig:
+    """The settings every modality's `generators:` entry has; a modality subclasses it, narrowing `kind` and
+    adding its own sampling-only settings."""
+
+    kind: str = option("policy", "policy: the model being aligned samples (the default); file: pre-generated samples.")
+    name: str | None = option(
+        None, "Name recorded in each sample's `generator` (default: the kind). A policy entry is always 'policy'.")
+    share: float = option(
+        1.0, "Relative share of the samples_per_prompt samples of each prompt; shares are normalized over the list.")
+    sampling_template: str = option(
+        "{prompt}",
+        "Magic prompt: what is sent instead of the prompt, `{prompt}` replaced by it (e.g. '{prompt} Be upbeat.'). "
+        "Sampling only: rankers, fine-tuning and evaluation keep the original prompt; samples record `prompt_sent`.",
+    )
+    path: str | None = option(
+        None,
+        "kind file: a .jsonl/.json/.csv/.parquet file, a folder saved by datasets' save_to_disk, or a hub dataset "
+        "id; one row per sample. Its prompts are matched after data.prompt_template is applied.",
+    )
+    split: str = option("train", "kind file: the split of a hub dataset or of a saved DatasetDict.")
+    prompt_field: str = option("prompt", "kind file: column holding the prompt.")
+
+
+def check_generators(entries: list[GeneratorConfig], samples_per_prompt: int, sampling_only: tuple[str, ...]) -> None:
+    """What holds for any `generators:` list: positive shares that give every entry a sample of each prompt,
+    one name each ('policy' for the policy), a `{prompt}` in every template, and files with a path and none
+    of the sampling-only settings (`sampling_only`: the modality's own, besides sampling_template)."""
+    from raft.generators.mixture import split_counts
+
+    _check(bool(entries), "generators", "must list at least one generator (kind policy samples the policy)")
+    names: dict[str, int] = {}
+    for i, g in enumerate(entries):
+        where = f"generators.{i}"
+        _check(g.share > 0, f"{where}.share", "must be > 0")
+        _check(g.kind != "policy" or g.name in (None, "policy"), f"{where}.name",
+               "of kind policy is always 'policy' (what reward/policy_mean counts)")
+        name = "policy" if g.kind == "policy" else g.name or g.kind
+        _check(bool(name.strip()), f"{where}.name", "must not be empty")
+        _check(name not in names, f"{where}.name",
+               f"'{name}' is also generators.{names.get(name)}'s; give each generator its own name")
+        names[name] = i
+        _check("{prompt}" in g.sampling_template, f"{where}.sampling_template", "must contain {prompt}")
+        if g.kind == "file":
+            _check(bool(g.path), f"{where}.path", "is required by kind file")
+            _check(g.sampling_template == "{prompt}" and all(getattr(g, f) is None for f in sampling_only),
+                   f"{where}.sampling_template",
+                   f"and {' and '.join(sampling_only)} do not apply to kind file: its samples are already generated")
+    for i, count in enumerate(split_counts([g.share for g in entries], samples_per_prompt)):
+        _check(count >= 1, f"generators.{i}.share",
+               f"gives it 0 of the samples_per_prompt ({samples_per_prompt}) samples of a prompt; "
+               "raise its share or samples_per_prompt")
+
 # ----------------------------------------------------------------------------------------------
 # dict <-> dataclass
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from raft.config import RaftConfig, _check, option
+from raft.config import GeneratorConfig, RaftConfig, _check, check_generators, option
 
 SCHEDULERS = ("default", "ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpm_solver", "unipc", "lms")
 
@@ -67,34 +67,18 @@ class DiffusionGenerationConfig:
 
 
 @dataclass
-class DiffusionGeneratorConfig:
+class DiffusionGeneratorConfig(GeneratorConfig):
     kind: Literal["policy", "file"] = option(
         "policy",
         "policy: the pipeline being aligned samples (the default); file: pre-generated images listed in a file or "
         "dataset (another model's, an earlier run's samples.jsonl, hand-picked ones).",
     )
-    name: str | None = option(
-        None, "Name recorded in each sample's `generator` (default: the kind). A policy entry is always 'policy'.")
-    share: float = option(
-        1.0, "Relative share of the samples_per_prompt images of each prompt; shares are normalized over the list.")
-    sampling_template: str = option(
-        "{prompt}",
-        "Magic prompt: what the pipeline is given instead of the prompt, `{prompt}` replaced by it (e.g. '{prompt}, "
-        "highly detailed'). Sampling only: fine-tuning and the rankers use the original prompt; samples record "
-        "`prompt_sent`.",
-    )
     sampling_negative_prompt: str | None = option(
         None, "Negative prompt used only when sampling training images (null: generation.negative_prompt).")
-    path: str | None = option(
-        None,
-        "kind file: a .jsonl/.json/.csv/.parquet file, a folder saved by datasets' save_to_disk, or a hub dataset "
-        "id; one row per image. Relative image paths are read from the file's folder. Its prompts are matched "
-        "after data.prompt_template is applied.",
-    )
-    split: str = option("train", "kind file: the split of a hub dataset or of a saved DatasetDict.")
-    prompt_field: str = option("prompt", "kind file: column holding the prompt.")
     image_field: str = option(
-        "output", "kind file: column holding the image path (`output` is what raft's samples.jsonl calls it).")
+        "output",
+        "kind file: column holding the image path (`output` is what raft's samples.jsonl calls it); relative paths "
+        "are read from the file's folder.")
 
 
 @dataclass
@@ -160,8 +144,8 @@ class DiffusionFinetuneConfig:
     timestep_range: list[float] = option(
         [0.0, 1.0],
         "Training timesteps are drawn uniformly from this share of the noise schedule ([0, 1]: all, the standard "
-        "loss). Layout and composition are decided at the noisy end, so [0.5, 1.0] trains where a prompt-image "
-        "agreement reward is won and leaves the fine detail of the low-noise steps alone.")
+        "loss). Layout is decided at the noisy end: [0.5, 1.0] trains only there, leaving the fine detail of the "
+        "low-noise steps alone (on the offline default it did not change the outcome; see the README).")
     carry_optimizer_state: bool = option(
         False, "Keep AdamW moments across iterations (and in checkpoints). Off: a fresh optimizer each iteration.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet during fine-tuning.")
@@ -235,27 +219,4 @@ class DiffusionRaftConfig(RaftConfig):
         _check(self.eval.grid_prompts >= 0, "eval.grid_prompts", "must be >= 0")
 
     def _validate_generators(self) -> None:
-        from raft.generators.mixture import split_counts
-
-        entries = self.generators
-        _check(bool(entries), "generators", "must list at least one generator (kind policy samples the policy)")
-        names: dict[str, int] = {}
-        for i, g in enumerate(entries):
-            where = f"generators.{i}"
-            _check(g.share > 0, f"{where}.share", "must be > 0")
-            _check(g.kind != "policy" or g.name in (None, "policy"), f"{where}.name",
-                   "of kind policy is always 'policy' (what reward/policy_mean counts)")
-            name = "policy" if g.kind == "policy" else g.name or g.kind
-            _check(name not in names, f"{where}.name",
-                   f"'{name}' is also generators.{names.get(name)}'s; give each generator its own name")
-            names[name] = i
-            _check("{prompt}" in g.sampling_template, f"{where}.sampling_template", "must contain {prompt}")
-            if g.kind == "file":
-                _check(bool(g.path), f"{where}.path", "is required by kind file")
-                _check(g.sampling_template == "{prompt}" and g.sampling_negative_prompt is None, f"{where}.sampling_template",
-                      "and sampling_negative_prompt do not apply to kind file: its images are already generated")
-        counts = split_counts([g.share for g in entries], self.samples_per_prompt)
-        for i, count in enumerate(counts):
-            _check(count >= 1, f"generators.{i}.share",
-                   f"gives it 0 of the samples_per_prompt ({self.samples_per_prompt}) images of a prompt; "
-                   "raise its share or samples_per_prompt")
+        check_generators(self.generators, self.samples_per_prompt, sampling_only=("sampling_negative_prompt",))

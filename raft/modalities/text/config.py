@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from raft.config import RaftConfig, _check, option
+from raft.config import GeneratorConfig, RaftConfig, _check, check_generators, option
 
 
 @dataclass
@@ -66,31 +66,15 @@ class TextGenerationConfig:
 
 
 @dataclass
-class TextGeneratorConfig:
+class TextGeneratorConfig(GeneratorConfig):
     kind: Literal["policy", "file", "http", "vllm"] = option(
         "policy",
         "policy: the model being aligned samples (the default); file: pre-generated samples read from a file "
         "or dataset; http: an OpenAI-compatible server (/v1/completions or /v1/chat/completions); vllm: a "
         "model loaded with vLLM in this process (GPU; pip install 'raft-align[vllm]').",
     )
-    name: str | None = option(
-        None, "Name recorded in each sample's `generator` (default: the kind). A policy entry is always 'policy'.")
-    share: float = option(
-        1.0, "Relative share of the samples_per_prompt samples of each prompt; shares are normalized over the list.")
-    sampling_template: str = option(
-        "{prompt}",
-        "Magic prompt: what is sent instead of the prompt, `{prompt}` replaced by it (e.g. '{prompt} Be upbeat.'). "
-        "Sampling only: fine-tuning pairs keep the original prompt; samples record `prompt_sent`.",
-    )
     sampling_system_prompt: str | None = option(
         None, "System message sent only when sampling (null: model.system_prompt). Not for endpoint completions.")
-    path: str | None = option(
-        None,
-        "kind file: a .jsonl/.json/.csv/.parquet file, a folder saved by datasets' save_to_disk, or a hub dataset "
-        "id; one row per sample. Its prompts are matched after data.prompt_template is applied.",
-    )
-    split: str = option("train", "kind file: the split of a hub dataset or of a saved DatasetDict.")
-    prompt_field: str = option("prompt", "kind file: column holding the prompt.")
     response_field: str = option("response", "kind file: column holding the response.")
     url: str | None = option(None, "kind http: base URL of the API, e.g. http://127.0.0.1:8000/v1.")
     endpoint: Literal["completions", "chat"] = option(
@@ -246,26 +230,9 @@ class TextRaftConfig(RaftConfig):
                "discard.max_repeated_ngram_fraction", "must be in [0, 1]")
 
     def _validate_generators(self) -> None:
-        from raft.generators.mixture import split_counts
-
-        _check(bool(self.generators), "generators", "must list at least one generator (kind policy samples the policy)")
-        names: dict[str, int] = {}
+        check_generators(self.generators, self.samples_per_prompt, sampling_only=("sampling_system_prompt",))
         for i, g in enumerate(self.generators):
             where = f"generators.{i}"
-            _check(g.share > 0, f"{where}.share", "must be > 0")
-            _check(g.kind != "policy" or g.name in (None, "policy"), f"{where}.name",
-                   "of kind policy is always 'policy' (what reward/policy_mean counts)")
-            name = "policy" if g.kind == "policy" else g.name or g.kind
-            _check(bool(name.strip()), f"{where}.name", "must not be empty")
-            _check(name not in names, f"{where}.name",
-                   f"'{name}' is also generators.{names.get(name)}'s; give each generator its own name")
-            names[name] = i
-            _check("{prompt}" in g.sampling_template, f"{where}.sampling_template", "must contain {prompt}")
-            if g.kind == "file":
-                _check(bool(g.path), f"{where}.path", "is required by kind file")
-                _check(g.sampling_template == "{prompt}" and g.sampling_system_prompt is None,
-                       f"{where}.sampling_template",
-                       "and sampling_system_prompt do not apply to kind file: its samples are already generated")
             if g.kind == "http":
                 _check(bool(g.url) and g.url.startswith(("http://", "https://")), f"{where}.url",
                        "is required by kind http: the API's base URL, e.g. http://127.0.0.1:8000/v1")
@@ -280,8 +247,3 @@ class TextRaftConfig(RaftConfig):
             if g.kind in ("http", "vllm"):
                 _check(g.endpoint == "chat" or g.sampling_system_prompt is None, f"{where}.sampling_system_prompt",
                        "needs endpoint chat (completions sends the prompt text alone)")
-        counts = split_counts([g.share for g in self.generators], self.samples_per_prompt)
-        for i, count in enumerate(counts):
-            _check(count >= 1, f"generators.{i}.share",
-                   f"gives it 0 of the samples_per_prompt ({self.samples_per_prompt}) samples of a prompt; "
-                   "raise its share or samples_per_prompt")
