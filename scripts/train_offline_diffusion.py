@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--unet-pool", type=int, default=40000, help="images rendered and encoded once for the UNet")
+    p.add_argument("--pair-share", type=float, default=0.15,
+                   help="share of two-object scenes among the denoiser's training images (the rest show one object)")
     p.add_argument("--caption-noise", type=float, default=0.0,
                    help="share of miscaptioned images in an extra last stage (0, the shipped model: no such stage)")
     p.add_argument("--noisy-steps", type=int, default=600, help="steps of the miscaptioned stage")
@@ -314,12 +316,13 @@ def stage_denoiser(work: Path, tokenizer, args) -> dict:
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     log("unet", f"rendering and encoding {pool_size} images")
     rng = np.random.default_rng([args.seed, 4])
-    images, scenes = render(pool_size, rng)
+    images, scenes = render(pool_size, rng, args.pair_share)
     torch.manual_seed(args.seed)
     text_encoder = text_encoder_model(tokenizer)
     models = torch.nn.ModuleDict({"unet": unet_model(text_encoder.config.hidden_size), "text_encoder": text_encoder})
     stats = train_denoiser("unet", models, vae, images, [s.caption for s in scenes], tokenizer, steps, 5e-4,
                            work / "denoiser-partial.pt", args)
+    stats["pair_share"] = args.pair_share
     save_denoiser(stats, folder)
     return stats
 

@@ -154,7 +154,9 @@ class DiffusionFinetuneConfig:
 
 @dataclass
 class DiffusionEvalConfig:
-    samples_per_prompt: int = option(4, "Policy images per held-out prompt for the held-out reward.")
+    samples_per_prompt: int = option(
+        16, "Policy images per held-out prompt for the held-out reward. The offline default's images vary a lot "
+        "from seed to seed: with 4, the held-out mean moved by 1.9 (std) between evaluation seeds alone.")
     seed: int = option(1234, "Seed of the held-out images, the same every iteration: each (prompt, sample) keeps its noise.")
     embedding_model: str | None = option(
         None,
