@@ -11,7 +11,10 @@ Up to five stages, each cached in --work-dir so a killed run picks up after its 
 3. vae:       a small AutoencoderKL, 32x32x3 pixels <-> 8x8x4 latents (MSE + a tiny KL term).
 4. denoiser:  a small UNet2DConditionModel and CLIP text encoder trained together from scratch (epsilon
               prediction on the VAE latents, 10% empty captions for classifier-free guidance, EMA weights);
-              the text encoder is not the judging CLIP's, so policy and reward share no weights.
+              the text encoder is not the judging CLIP's, so policy and reward share no weights. Only 15% of
+              its images show two objects (--pair-share), so it follows two-object prompts poorly, as models
+              trained on web data follow compositional prompts: that is what RAFT then improves. Trained on
+              75%, it followed them as well as its data allowed, and RAFT had nothing to add (see the README).
 5. noisy_captions (only with --caption-noise > 0): the denoiser trained further on images of which that share
               carries a wrong caption (a hard negative), as web captions do, so the model follows its prompts
               only partly. An experiment: RAFT did not raise the held-out CLIP score of those models either

@@ -79,3 +79,26 @@ def test_offline_default_in_small_form(tmp_path):
     assert all(world.parse(s["prompt"]).relation for s in samples)  # two-object captions of the shapes world
     assert (run_dir / "iterations/iter-0000/eval_grid.png").is_file()
     assert (run_dir / "iterations/iter-0001/eval_grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_training_script_reproduces_the_assets_in_small_form(tmp_path):
+    """scripts/train_offline_diffusion.py, every stage at a tiny step count: it writes a pipeline raft loads, a CLIP
+    model, and training.json with the settings (the shipped pair share among them)."""
+    from pathlib import Path
+
+    from raft.modalities.diffusion.config import DiffusionLoraConfig, DiffusionModelConfig
+    from raft.modalities.diffusion.model import load_policy
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "train_offline_diffusion.py"
+    out, work = tmp_path / "assets", tmp_path / "work"
+    result = subprocess.run([sys.executable, str(script), "--steps-scale", "0.003", "--out", str(out),
+                             "--work-dir", str(work)], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["settings"]["pair_share"] == 0.15
+    assert summary["figures"]["denoiser"]["pair_share"] == 0.15
+    assert set(summary["figures"]["base_model_held_out"]) == {"guidance_1", "guidance_3", "guidance_5"}
+    policy = load_policy(DiffusionModelConfig(name_or_path=str(out / "shapes-sd"), device="cpu"), DiffusionLoraConfig(), None)
+    assert policy.default_resolution() == 32
+    assert (out / "shapes-clip" / "model.safetensors").is_file()
