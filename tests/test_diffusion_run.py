@@ -86,12 +86,19 @@ def test_saved_lora_reproduces_the_aligned_images_in_a_fresh_pipeline(finished_r
         saved = np.asarray(Image.open(run_dir / "iterations/iter-0002" / record["output"]), dtype=np.int16)
         assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 1
 
-    # and the adapter matters: the base pipeline draws different images from the same seeds
+    # and the adapter matters: it was trained (its up-projections start at zero), and the base pipeline draws
+    # different images from the same seeds. How different depends on the random tiny model and the CPU's
+    # threads (8 levels at most was seen in CI), so the images are only required to differ.
+    from safetensors.torch import load_file
+
+    adapter = load_file(run_dir / "checkpoints/iter-0002/pytorch_lora_weights.safetensors")
+    up = [tensor for name, tensor in adapter.items() if "lora_B" in name or "lora.up" in name]
+    assert up and all(tensor.abs().max() > 0 for tensor in up)
     base = records(run_dir, 0, "eval_samples")
     before = np.stack([np.asarray(Image.open(run_dir / "iterations/iter-0000" / r["output"]), dtype=np.int16) for r in base])
     after = np.stack([np.asarray(Image.open(run_dir / "iterations/iter-0002" / r["output"]), dtype=np.int16) for r in aligned])
     assert [r["seed"] for r in base] == [r["seed"] for r in aligned]
-    assert np.abs(before - after).max() > 8
+    assert np.abs(before - after).max() > 1  # beyond the 1-level tolerance of the reproduction above
 
 
 @pytest.mark.parametrize("kill_at", ["2:finetune", "2:commit"])
