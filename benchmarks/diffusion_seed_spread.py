@@ -41,9 +41,7 @@ def main(argv=None) -> int:
     seeds = list(range(config.eval.seed + 1, config.eval.seed + 1 + args.seeds))
     checkpoint = RunDirectory(run_dir).latest_checkpoint()
     means = {}
-    for name, source in [("start", None), ("end", checkpoint)]:
-        if name == "end" and source is None:
-            break
+    for name, source in [("start", None)] + ([("end", checkpoint)] if checkpoint else []):
         parts = get_modality(config.modality).build(config, checkpoint=source)
         means[name] = []
         for seed in seeds:

@@ -313,7 +313,12 @@ def stage_denoiser(work: Path, tokenizer, args) -> dict:
 
     folder = work / "denoiser"
     if (folder / "stats.json").is_file():
-        return json.loads((folder / "stats.json").read_text())
+        stats = json.loads((folder / "stats.json").read_text())
+        cached = stats.get("pair_share", 0.75)  # denoisers cached before --pair-share existed used 0.75
+        if cached != args.pair_share:
+            raise SystemExit(f"--pair-share {args.pair_share}: the denoiser cached in {folder} was trained with "
+                             f"{cached}; pass another --work-dir or remove that folder")
+        return stats
     steps = max(1, int(args.unet_steps * args.steps_scale))
     pool_size = max(256, int(args.unet_pool * min(1.0, args.steps_scale * 4)))
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()

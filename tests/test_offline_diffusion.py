@@ -102,3 +102,10 @@ def test_training_script_reproduces_the_assets_in_small_form(tmp_path):
     policy = load_policy(DiffusionModelConfig(name_or_path=str(out / "shapes-sd"), device="cpu"), DiffusionLoraConfig(), None)
     assert policy.default_resolution() == 32
     assert (out / "shapes-clip" / "model.safetensors").is_file()
+
+    # a stage cache trained with another pair share is refused, not silently reused
+    other = subprocess.run([sys.executable, str(script), "--steps-scale", "0.003", "--out", str(out), "--work-dir",
+                            str(work), "--stages", "denoiser", "--pair-share", "0.5"], capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode != 0
+    assert "--pair-share 0.5" in other.stderr and "trained with 0.15" in other.stderr
