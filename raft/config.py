@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -34,6 +34,30 @@ def _copy(value: Any) -> Any:
 
 
 @dataclass
+class DiversityConfig:
+    """Diversity-aware selection: the kept set must not be many copies of one reply."""
+
+    max_similarity: float | None = option(
+        None,
+        "Skip a candidate whose similarity to a sample already kept this iteration (any prompt) is above this, "
+        "and keep the next-best distinct one instead; similarity is the cosine of the modality's features "
+        "(`features`), in [0, 1] for text n-grams and CLIP images. null: off.",
+    )
+    features: str = option(
+        "auto",
+        "What similarity compares. text: ngram (word 1- and 2-gram counts) or embedding (all-MiniLM-L6-v2 "
+        "sentence embeddings); diffusion: clip (CLIP image embeddings, the eval embedding model) or pixels. "
+        "auto: ngram for text, clip for diffusion.",
+    )
+    max_opening_share: float | None = option(
+        None,
+        "Text: at most this share of the iteration's kept samples may open with the same `opening_words` words "
+        "(lower-cased); further ones are skipped for the next-best candidate. null: off.",
+    )
+    opening_words: int = option(4, "Words that make a text sample's opening (for max_opening_share and its metric).")
+
+
+@dataclass
 class SelectionConfig:
     """Which scored samples are kept for fine-tuning."""
 
@@ -48,6 +72,56 @@ class SelectionConfig:
     min_reward: float | None = option(
         None, "Reward floor: required by the threshold strategy, an extra filter for the others (null: none)."
     )
+    diversity: DiversityConfig = option(DiversityConfig(), "Diversity-aware selection (off by default in the base config).")
+
+
+@dataclass
+class KLConfig:
+    """KL-regularized ranking (the RAFT paper's objective): samples are ranked by reward - beta * KL_i."""
+
+    beta: float = option(
+        0.0,
+        "Weight of KL_i in the ranking score reward - beta * KL_i, where KL_i = log pi(y|x) - log pi_0(y|x) is "
+        "the sample's log-ratio between the current policy and the starting one, summed over the response "
+        "(the start value when adaptive). 0: rank by reward alone.",
+    )
+    adaptive: bool = option(
+        False, "Adapt beta between iterations so the policy samples' mean KL_i tracks `target` (PPO's controller).")
+    target: float = option(4.0, "adaptive: target mean KL_i of the policy's samples, in nats per response.")
+    horizon: int = option(
+        400, "adaptive: horizon in samples: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * samples / horizon.")
+
+
+@dataclass
+class GuardConfig:
+    """Collapse guard: bounds on the held-out metrics, checked after every iteration."""
+
+    max_kl: float | None = option(
+        None, "Stop once eval/kl_to_start (KL of the policy to the starting model on held-out samples, nats per "
+        "response) exceeds this. null: no bound.")
+    min_distinct_2_ratio: float | None = option(
+        None, "Stop once held-out distinct-2 falls below this fraction of the starting model's. null: no bound.")
+    max_opening_share: float | None = option(
+        None, "Stop once the share of held-out replies opening with the most common first words "
+        "(eval/top_opening_share) exceeds this. null: no bound.")
+    min_diversity_ratio: float | None = option(
+        None, "Stop once held-out within-prompt embedding diversity (eval/diversity_within_prompt, images) falls "
+        "below this fraction of the starting model's. null: no bound.")
+    action: Literal["stop", "rollback"] = option(
+        "stop",
+        "What crossing a bound does: stop (the run ends after that iteration, its checkpoint the latest) or "
+        "rollback (it ends too, but the iteration's weights are not kept: the last good checkpoint stays the "
+        "run's model). Either way one line says which bound, by how much.",
+    )
+
+
+# the metric each guard bound reads, and whether it is relative to the starting model's value
+GUARD_BOUNDS = {
+    "max_kl": ("eval/kl_to_start", False),
+    "min_distinct_2_ratio": ("eval/distinct_2", True),
+    "max_opening_share": ("eval/top_opening_share", False),
+    "min_diversity_ratio": ("eval/diversity_within_prompt", True),
+}
 
 
 @dataclass
@@ -65,9 +139,19 @@ class RaftConfig:
         None, "Wall-clock budget: start no further iteration once the completed ones spent this many seconds "
         "generating, ranking, selecting and fine-tuning (evaluation not counted); null: run all iterations.")
     selection: SelectionConfig = option(SelectionConfig(), "Selection of the kept set.")
+    kl: KLConfig = option(KLConfig(), "KL-regularized ranking against the starting model.")
+    guard: GuardConfig = option(GuardConfig(), "Collapse guard: bounds on held-out metrics that stop the run.")
+
+    # What a modality offers the collapse defences; its config class says so, so that bad settings are refused
+    # before anything loads.
+    reference_logprobs: ClassVar[bool] = False  # can compute KL_i (kl.beta > 0, guard.max_kl)
+    diversity_features: ClassVar[tuple[str, ...]] = ()  # selection.diversity.features it accepts (first: auto)
+    text_openings: ClassVar[bool] = False  # samples have openings (selection.diversity.max_opening_share)
+    guard_metrics: ClassVar[tuple[str, ...]] = ()  # the eval/ metrics it produces, for guard bounds
 
     def validate(self) -> None:
         """Range checks that types alone cannot express; subclasses extend it."""
+        self._validate_defences()
         _check(self.iterations >= 0, "iterations", "must be >= 0")
         _check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
@@ -79,6 +163,38 @@ class RaftConfig:
         _check(0.0 < sel.top_fraction <= 1.0, "selection.top_fraction", "must be in (0, 1]")
         _check(sel.strategy != "threshold" or sel.min_reward is not None, "selection.min_reward",
                "is required by the threshold strategy")
+
+
+    def _validate_defences(self) -> None:
+        kl, diversity, guard = self.kl, self.selection.diversity, self.guard
+        _check(kl.beta >= 0, "kl.beta", "must be >= 0")
+        _check(kl.target > 0, "kl.target", "must be > 0")
+        _check(kl.horizon >= 1, "kl.horizon", "must be >= 1")
+        _check(not kl.adaptive or kl.beta > 0, "kl.beta", "must be > 0 when kl.adaptive (it is the start value)")
+        _check(kl.beta == 0 or self.reference_logprobs, "kl.beta",
+               f"must be 0: the {self.modality} modality cannot compute reference log-likelihoods for KL_i")
+        _check(diversity.max_similarity is None or 0 <= diversity.max_similarity <= 1,
+               "selection.diversity.max_similarity", "must be in [0, 1] or null")
+        _check(diversity.max_opening_share is None or 0 < diversity.max_opening_share <= 1,
+               "selection.diversity.max_opening_share", "must be in (0, 1] or null")
+        _check(diversity.opening_words >= 1, "selection.diversity.opening_words", "must be >= 1")
+        _check(diversity.max_opening_share is None or self.text_openings, "selection.diversity.max_opening_share",
+               f"must be null: samples of the {self.modality} modality have no opening words")
+        accepted = ("auto", *self.diversity_features)
+        _check(diversity.features in accepted, "selection.diversity.features",
+               f"must be one of {', '.join(accepted)} for the {self.modality} modality, got {diversity.features!r}")
+        _check(diversity.max_similarity is None or len(accepted) > 1, "selection.diversity.max_similarity",
+               f"must be null: the {self.modality} modality has no sample features to compare")
+        for name, (metric, relative) in GUARD_BOUNDS.items():
+            bound = getattr(guard, name)
+            if bound is None:
+                continue
+            _check(metric in self.guard_metrics, f"guard.{name}",
+                   f"must be null: the {self.modality} modality does not produce {metric}")
+            if relative or name == "max_opening_share":
+                _check(0 < bound <= 1, f"guard.{name}", "must be in (0, 1]")
+            else:
+                _check(bound > 0, f"guard.{name}", "must be > 0")
 
 
 def _check(condition: bool, name: str, message: str) -> None:

@@ -28,6 +28,14 @@ class Sample:
     rewards: dict[str, float] = field(default_factory=dict)  # per-ranker scores when rankers are combined
     discard_reason: str | None = None  # set by a discard rule: never selected
     selected: bool = False
+    # log pi(y|x) - log pi_0(y|x) summed over the response: the sample's log-ratio between the current policy and
+    # the starting one (nan when not computed)
+    kl: float = math.nan
+    score: float | None = None  # what selection ranks by: reward - beta * kl under KL-regularized ranking; None: reward
+
+    @property
+    def ranking_score(self) -> float:
+        return self.reward if self.score is None else self.score
 
 
 class Generator(ABC):
@@ -62,6 +70,20 @@ class FineTuner(ABC):
         """Write everything needed to resume (weights or adapter, optimizer state if carried)."""
 
 
+class ReferenceModel(ABC):
+    """The starting policy, kept to measure how far the current one moved (a modality that can compute
+    log-likelihoods provides one; KL-regularized ranking and the KL metric need it)."""
+
+    @abstractmethod
+    def log_ratios(self, samples: list[Sample]) -> list[float]:
+        """Per sample: log pi(y|x) - log pi_0(y|x) summed over the response, from the tokens actually sampled."""
+
+    @abstractmethod
+    def kl_to_start(self, samples: list[Sample]) -> list[float]:
+        """Per sample: KL(pi || pi_0) at each response position (exact over the outcomes), summed over the
+        response; its mean over the policy's own samples estimates the sequence KL with low variance."""
+
+
 class Evaluator(ABC):
     """Modality metrics on the policy's held-out samples (the loop computes their reward itself)."""
 
@@ -85,6 +107,11 @@ class Components:
     finetuner: FineTuner
     evaluator: Evaluator
     discard_rules: list[DiscardRule] = field(default_factory=list)
+    reference: ReferenceModel | None = None  # None: the modality cannot compute KL to the start
+    # L2-normalised feature rows of samples, for diversity-aware selection (cosine = dot product); None: none
+    features: Callable[[list[Sample]], Any] | None = None
+    # a text sample's opening (its first words, normalised), for the opening cap; None: samples have no opening
+    opening: Callable[[Sample], str] | None = None
     eval_samples_per_prompt: int = 1
     eval_seed: int = 0
     # turns a sample's output into JSON-able data; may write files (images) under the given folder

@@ -7,15 +7,17 @@ exactly what the uninterrupted run produced.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+from collections import Counter
 import time
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from raft.config import RaftConfig, dump_yaml
+from raft.config import GUARD_BOUNDS, RaftConfig, dump_yaml
 from raft.interface import Components, Sample
 from raft.metrics import mean, plot_metrics, standard_error, train_seconds
 from raft.modalities import get_modality
@@ -33,8 +35,10 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
     parts = modality.build(config, checkpoint=run_dir.latest_checkpoint())
     done = evaluate_starting_policy(run_dir, parts, config)
 
+    stopped = False
     for iteration in range(done + 1, config.iterations + 1):
-        if budget_spent(config, run_dir, iteration):
+        stopped = guard_stopped(config, run_dir)
+        if stopped or budget_spent(config, run_dir, iteration):
             break
         stage = Stages(config.seed, iteration)
         prompts = draw_prompts(parts.prompts, config.prompts_per_iteration, config.seed, iteration)
@@ -43,9 +47,11 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
         stage("rank")
         discarded = apply_discard_rules(samples, parts.discard_rules)
         score_samples(parts.ranker, samples)
+        beta = kl_beta(config, run_dir.metrics())
+        kl_metrics = regularize(samples, parts, beta, policy_name=parts.policy.name)
 
         stage("select")
-        selected = select(samples, config.selection)
+        selected = select(samples, config.selection, parts.features, parts.opening)
 
         train_metrics = parts.finetuner.finetune(selected, seed=stage("finetune")) if selected else {}
 
@@ -61,22 +67,29 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
             "reward/policy_mean": mean(s.reward for s in samples if s.meta.get("generator") == parts.policy.name),
             "reward/all_mean": mean(s.reward for s in samples),
             "reward/selected_mean": mean(s.reward for s in selected),
+            "selection/passed_over": sum(1 for s in samples if s.meta.get("not_kept")),
+            **kl_metrics,
+            **({"kl/selected_mean": mean(s.kl for s in selected)} if kl_metrics else {}),
             **train_metrics,
             **eval_metrics,
             **stage.times(),
         }
         files = {"samples": samples, "selected": selected, "eval_samples": eval_samples}
+        crossed = guard_crossed(config, run_dir.metrics() + [row])
+        rollback = crossed is not None and config.guard.action == "rollback"
         run_dir.commit_iteration(
             iteration,
             lambda folder: write_samples(folder, parts, iteration, files),
             row,
-            save_checkpoint=parts.finetuner.save_checkpoint,
+            save_checkpoint=None if rollback else parts.finetuner.save_checkpoint,
             keep_checkpoints=config.keep_checkpoints,
             before_commit=lambda: _kill_point(iteration, "commit"),
         )
         plot_metrics(run_dir.metrics(), run_dir.path / "metrics.png")
         report(row, config.iterations)
 
+    if not stopped:
+        guard_stopped(config, run_dir)  # says so when the last iteration crossed a bound
     summarize(run_dir)
     return run_dir.path
 
@@ -149,12 +162,80 @@ class Stages:
         return dict(self.durations)
 
 
+def regularize(samples: list[Sample], parts: Components, beta: float, policy_name: str) -> dict[str, float]:
+    """KL-regularized ranking: each sample's ranking score becomes reward - beta * KL_i (KL_i: its log-ratio to
+    the starting policy). Returns the KL metrics of the iteration (none when beta is 0)."""
+    if beta == 0 or parts.reference is None:
+        return {}
+    for sample, kl in zip(samples, parts.reference.log_ratios(samples)):
+        sample.kl = kl
+        sample.score = sample.reward - beta * kl
+    own = [s.kl for s in samples if s.meta.get("generator") == policy_name] or [s.kl for s in samples]
+    return {"kl/beta": beta, "kl/policy_mean": mean(own)}
+
+
+def kl_beta(config: RaftConfig, rows: list[dict]) -> float:
+    """This iteration's beta: kl.beta, or with kl.adaptive, the controller's update from the last iteration's
+    mean KL of the policy's samples (recomputed from metrics.jsonl, so a resumed run gets the same beta)."""
+    beta = config.kl.beta
+    if not config.kl.adaptive:
+        return beta
+    for row in rows:
+        if isinstance(row.get("kl/beta"), float) and isinstance(row.get("kl/policy_mean"), float):
+            error = min(0.2, max(-0.2, row["kl/policy_mean"] / config.kl.target - 1))
+            beta = row["kl/beta"] * (1 + error * row["samples"] / config.kl.horizon)
+    return beta
+
+
+def guard_crossed(config: RaftConfig, rows: list[dict]) -> str | None:
+    """Why the last row of `rows` crosses a collapse-guard bound (relative bounds against row 0), or None."""
+    if len(rows) < 2:
+        return None
+    first, last = rows[0], rows[-1]
+    for name, (metric, relative) in GUARD_BOUNDS.items():
+        bound = getattr(config.guard, name)
+        value = last.get(metric)
+        if bound is None or not isinstance(value, (int, float)):
+            continue
+        if relative:
+            start = first.get(metric)
+            if isinstance(start, (int, float)) and start > 0 and value < bound * start:
+                return f"{metric} fell to {value:.3f}, {value / start:.2f} x the start's {start:.3f} (guard.{name} {bound:g})"
+        elif value > bound:
+            return f"{metric} rose to {value:.3f} (guard.{name} {bound:g})"
+    return None
+
+
+def guard_stopped(config: RaftConfig, run_dir: RunDirectory) -> bool:
+    """Whether the last completed iteration crossed a guard bound; if so, says which in one line."""
+    reason = guard_crossed(config, run_dir.metrics())
+    if reason is None:
+        return False
+    done = run_dir.completed_iteration
+    kept = run_dir.latest_checkpoint()
+    print(f"guard: stopping after iteration {done}: {reason}; the run's model is "
+          f"{kept.relative_to(run_dir.path) if kept else 'the starting model'}", flush=True)
+    return True
+
+
 def evaluate(parts: Components) -> tuple[dict, list[Sample]]:
-    """Reward of the policy's own samples on held-out prompts, plus the modality's metrics."""
+    """Reward of the policy's own samples on held-out prompts, plus the collapse metrics and the modality's."""
     samples = parts.policy.generate(parts.eval_prompts, parts.eval_samples_per_prompt, seed=parts.eval_seed)
     score_samples(parts.ranker, samples)
     rewards = [s.reward for s in samples]
     metrics = {"eval/reward_mean": mean(rewards), "eval/reward_sem": standard_error(rewards)}
+    if parts.eval_samples_per_prompt > 1:  # what best-of-n at inference would reach with this policy
+        best: dict[int, float] = {}
+        for s in samples:
+            best[s.prompt_index] = max(best.get(s.prompt_index, -math.inf), s.reward)
+        metrics["eval/best_of_n_reward"] = mean(best.values())
+    if parts.reference is not None:
+        for sample, kl in zip(samples, parts.reference.kl_to_start(samples)):
+            sample.kl = kl
+        metrics["eval/kl_to_start"] = mean(s.kl for s in samples)
+    if parts.opening is not None and samples:
+        openings = Counter(parts.opening(s) for s in samples)
+        metrics["eval/top_opening_share"] = openings.most_common(1)[0][1] / len(samples)
     return {**metrics, **parts.evaluator.evaluate(samples)}, samples
 
 
@@ -186,6 +267,8 @@ def write_samples(folder: Path, parts: Components, iteration: int, files: dict[s
                 "rewards": sample.rewards or None,
                 "discard_reason": sample.discard_reason,
                 "selected": sample.selected,
+                **({"kl": sample.kl} if not math.isnan(sample.kl) else {}),
+                **({"score": sample.score} if sample.score is not None else {}),
                 **sample.meta,
             })
         (folder / f"{name}.jsonl").write_text(to_jsonl(rows))

@@ -90,8 +90,15 @@ class RunDirectory:
     def checkpoint_dir(self, iteration: int) -> Path:
         return self.path / "checkpoints" / iteration_name(iteration)
 
+    def _state(self) -> dict:
+        state = self.path / "state.json"
+        return json.loads(state.read_text()) if state.is_file() else {}
+
     def latest_checkpoint(self) -> Path | None:
-        done = self.completed_iteration
+        """The checkpoint of the run's model: the last completed iteration's, unless the collapse guard rolled
+        that iteration back (then the last good one's); None for the starting model."""
+        state = self._state()
+        done = state.get("checkpoint_iteration", state.get("completed_iteration"))
         if not done:
             return None
         path = self.checkpoint_dir(done)
@@ -137,8 +144,11 @@ class RunDirectory:
             self._write_folder(self.checkpoint_dir(iteration), save_checkpoint)
         rows = [row for row in self.metrics() if row["iteration"] < iteration] + [metrics_row]
         atomic_write_text(self.path / "metrics.jsonl", to_jsonl(rows))
+        state = {"completed_iteration": iteration}
+        if save_checkpoint is None and iteration > 0:  # rolled back: the model stays the last saved one
+            state["checkpoint_iteration"] = self._state().get("checkpoint_iteration", self.completed_iteration)
         before_commit()
-        atomic_write_text(self.path / "state.json", json.dumps({"completed_iteration": iteration}) + "\n")
+        atomic_write_text(self.path / "state.json", json.dumps(state) + "\n")
         self._prune_checkpoints(keep_checkpoints)
 
     def _write_folder(self, final: Path, fill: Callable[[Path], Any]) -> None:

@@ -50,6 +50,14 @@ class DiffusionModality(Modality):
         embedder = None if embedding_model == "pixels" else load_clip(embedding_model, processor, str(device),
                                                                        "float32", "eval.embedding_model")
 
+        evaluator = DiffusionEvaluator(embedder)
+        pixels = DiffusionEvaluator(None)
+        diversity = config.selection.diversity.features  # CLIP image embeddings (auto, clip) or raw pixels
+
+        def features(samples: list) -> Any:
+            images = [s.output for s in samples]
+            return (pixels if diversity == "pixels" else evaluator).embed(images).numpy()
+
         def write_files(folder: Path, files: dict) -> None:
             if config.eval.grid_prompts and files.get("eval_samples"):
                 write_grid(folder / GRID_FILE, files["eval_samples"], config.eval.grid_prompts)
@@ -61,7 +69,8 @@ class DiffusionModality(Modality):
             policy=sampler,
             ranker=ranker,
             finetuner=DiffusionFineTuner(policy, config.finetune, checkpoint),
-            evaluator=DiffusionEvaluator(embedder),
+            evaluator=evaluator,
+            features=features,
             eval_samples_per_prompt=config.eval.samples_per_prompt,
             eval_seed=config.eval.seed,
             output_to_record=save_image,

@@ -5,7 +5,7 @@ as "a red circle above a blue square", rewarded by raft's own small CLIP model, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from raft.config import GeneratorConfig, RaftConfig, _check, check_generators, option
 
@@ -184,6 +184,10 @@ class DiffusionRaftConfig(RaftConfig):
     rankers: list[DiffusionRankerConfig] = option([DiffusionRankerConfig()], "Rewards; several are combined as a weighted sum.")
     finetune: DiffusionFinetuneConfig = option(DiffusionFinetuneConfig(), "Fine-tuning on the kept images (denoising loss).")
     eval: DiffusionEvalConfig = option(DiffusionEvalConfig(), "Held-out evaluation.")
+
+    # no exact image likelihoods here: no KL-regularized ranking, no KL metric
+    diversity_features: ClassVar[tuple[str, ...]] = ("clip", "pixels")
+    guard_metrics: ClassVar[tuple[str, ...]] = ("eval/diversity_within_prompt",)
 
     def validate(self) -> None:
         super().validate()

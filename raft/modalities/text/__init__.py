@@ -6,12 +6,14 @@ from pathlib import Path
 
 from raft.interface import Components, Modality
 from raft.modalities.text.config import TextRaftConfig
-from raft.modalities.text.data import load_text_data
+from raft.modalities.text.data import load_replay_texts, load_text_data
+from raft.modalities.text.diversity import FEATURES, opening_of
 from raft.modalities.text.discard import build_discard_rules
 from raft.modalities.text.evaluate import TextEvaluator
 from raft.modalities.text.generators import build_external_generators, build_generator
 from raft.modalities.text.model import load_policy
 from raft.modalities.text.rankers import build_ranker
+from raft.modalities.text.reference import TextReference, starting_model_loader
 from raft.modalities.text.rrhf import RrhfFineTuner
 from raft.modalities.text.sampler import TextSampler
 from raft.modalities.text.sft import TextFineTuner
@@ -25,17 +27,26 @@ class TextModality(Modality):
         data = load_text_data(config.data)  # first: bad data fails before a model is loaded
         discard_rules = build_discard_rules(config.discard)
         external = build_external_generators(config)  # files, servers, vLLM: also before the policy loads
+        replay = config.finetune.replay
+        replay_texts = load_replay_texts(replay.texts, replay.field, config.data) if replay.share > 0 else []
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
         finetuner_class = RrhfFineTuner if config.finetune.objective == "rrhf" else TextFineTuner
+        reference = TextReference(policy, starting_model_loader(policy, config.model, checkpoint),
+                                  config.generation.temperature, config.finetune.max_seq_length)
+        diversity = config.selection.diversity
+        features = FEATURES["ngram" if diversity.features == "auto" else diversity.features]
         return Components(
             prompts=data.prompts,
             eval_prompts=data.eval_prompts,
             generator=build_generator(config, external, policy),
             policy=TextSampler(policy, config.generation),  # evaluation: the policy, without magic prompts
             ranker=build_ranker(config.rankers, policy.device),
-            finetuner=finetuner_class(policy, config.finetune, checkpoint),
+            finetuner=finetuner_class(policy, config.finetune, checkpoint, replay_texts=replay_texts),
             evaluator=TextEvaluator(policy, data.reference_texts, config.eval.batch_size, config.eval.max_tokens),
             discard_rules=discard_rules,
+            reference=reference,
+            features=features,
+            opening=lambda sample: opening_of(sample.output, diversity.opening_words),
             eval_samples_per_prompt=config.eval.samples_per_prompt,
             eval_seed=config.eval.seed,
         )

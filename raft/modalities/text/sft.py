@@ -3,6 +3,7 @@ per sequence (no packing), token-weighted mean over each optimizer step."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -54,9 +55,18 @@ def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     return -logprobs.sum(), int(mask.sum())
 
 
+def lm_example(ids: list[int]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for the plain LM loss on a text: every token but the first is predicted."""
+    return ids, [IGNORE] + ids[1:]
+
+
 class TextFineTuner(FineTuner):
-    def __init__(self, policy: TextPolicy, config: TextFinetuneConfig, checkpoint: Path | None, progress: bool = True):
+    def __init__(self, policy: TextPolicy, config: TextFinetuneConfig, checkpoint: Path | None, progress: bool = True,
+                 replay_texts: list[str] = ()):
+        """`replay_texts`: reference texts for `config.replay` (the LM loss on them joins every step)."""
         self.policy, self.config, self.progress = policy, config, progress
+        self.replay = [lm_example(policy.tokenizer(t, add_special_tokens=True)["input_ids"][: config.replay.max_tokens])
+                       for t in replay_texts] if config.replay.share > 0 else []
         self.optimizer = None
         if config.gradient_checkpointing:
             policy.model.gradient_checkpointing_enable()
@@ -93,11 +103,17 @@ class TextFineTuner(FineTuner):
                  for order in (torch.randperm(len(units), generator=order_generator).tolist() for _ in range(config.epochs))
                  for i in range(0, len(units), config.batch_size)]
 
+        replayed = self.replay_order(seed, sum(math.ceil(config.replay.share * len(step)) for step in steps))
+
         model.train()
         step_metrics = []
         for step in tqdm(steps, desc=f"fine-tuning on {len(units)}", disable=not self.progress, leave=False):
             chunks = [[units[i] for i in step[j : j + micro]] for j in range(0, len(step), micro)]
             step_metrics.append(self.step_loss(chunks))
+            if replayed:
+                count = math.ceil(config.replay.share * len(step))
+                texts, replayed = replayed[:count], replayed[count:]
+                step_metrics[-1]["train/replay_loss"] = self.replay_loss(texts, micro)
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
             optimizer.step()
@@ -118,6 +134,28 @@ class TextFineTuner(FineTuner):
             (nll / max(tokens, 1)).backward()
             step_loss += nll.item()
         return {"train/loss": step_loss / max(tokens, 1)}
+
+    def replay_order(self, seed: int, count: int) -> list[tuple[list[int], list[int]]]:
+        """`count` replay examples for this iteration: seeded passes over the reference texts, no repeats within one."""
+        if not self.replay or count == 0:
+            return []
+        generator = torch.Generator().manual_seed(seed + 1)
+        order: list[int] = []
+        while len(order) < count:
+            order += torch.randperm(len(self.replay), generator=generator).tolist()
+        return [self.replay[i] for i in order[:count]]
+
+    def replay_loss(self, examples: list, micro: int) -> float:
+        """Backpropagates weight x the LM loss (mean over the texts' tokens) of replayed reference texts."""
+        batches = [collate(examples[i : i + micro], self.policy.tokenizer.pad_token_id, self.policy.device)
+                   for i in range(0, len(examples), micro)]
+        tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        total = 0.0
+        for batch in batches:
+            nll, _ = response_nll(self.policy.model, batch)
+            (self.config.replay.weight * nll / max(tokens, 1)).backward()
+            total += nll.item()
+        return total / max(tokens, 1)
 
     def save_checkpoint(self, directory: Path) -> None:
         self.policy.model.save_pretrained(directory, safe_serialization=True)  # a peft model saves its adapter only
