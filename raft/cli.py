@@ -21,15 +21,18 @@ RUN_DIR after its last completed iteration, with its saved config (overrides sti
 
 BASELINE_USAGE = """raft ppo [--config FILE.yaml] [--resume RUN_DIR] [key.sub=value ...]
        raft best-of-k [--config FILE.yaml] [key.sub=value ...]
-       raft compare [--config FILE.yaml] [--methods best_of_k,raft,rrhf,ppo] [--budget-samples N]
-                    [--budget-seconds S] [--out DIR] [key.sub=value ...]
+       raft compare [--config FILE.yaml] [--methods best_of_k,raft,raft_undefended,rrhf,ppo] [--seeds 0,1,2]
+                    [--budget-samples N] [--budget-seconds S] [--out DIR] [key.sub=value ...]
 
 Baselines for text, in raft's harness (same sampler, rewards, evaluation and run directory). ppo: PPO with
 a value head and a KL penalty to the starting model. best-of-k: no training; the held-out reward when the
-policy samples samples_per_prompt responses and the reward picks the best. compare: runs the methods one
-after another, each in its own process, on the same settings and budget (generated samples, seconds of
-training, or both), and writes DIR/report.md with a table (reward, perplexity, diversity, KL, wall-clock,
-peak memory) and plots. RRHF is `raft run finetune.objective=rrhf selection.strategy=all`."""
+policy samples samples_per_prompt responses and the reward picks the best. compare: runs every method once
+per seed (default: the config's seed), one after another, each in its own process, on the same settings and
+budget (generated samples, seconds of training, or both), and writes DIR/report.md with tables (mean ± std
+over seeds and per seed: reward, diversity, opening share, perplexity, KL to start, wall-clock, peak memory)
+and plots, the reward-KL frontier among them. raft is RAFT with the config's collapse defences (kl.*,
+selection.diversity.*, finetune.replay, guard.*); raft_undefended the same with all of them off; rrhf is
+`raft run finetune.objective=rrhf selection.strategy=all`, defences off, as published."""
 
 DEMO_USAGE = """raft demo chat --run DIR [--base MODEL] [--host H] [--port P] [--max-input-chars N] [--max-new-tokens N]
                       [--history-turns N]
@@ -56,14 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("-h", "--help", action="store_true")
     for name, what in [("ppo", "run or resume the PPO baseline (text)"),
                        ("best-of-k", "held-out reward of best-of-K sampling, no training (text)"),
-                       ("compare", "RAFT vs RRHF vs PPO vs best-of-K on one budget, with a report (text)")]:
+                       ("compare", "RAFT (defended, undefended) vs RRHF vs PPO vs best-of-K on one budget and "
+                                   "seeds, with a report (text)")]:
         baseline = commands.add_parser(name, usage=BASELINE_USAGE, add_help=False, help=what)
         baseline.add_argument("--config", default=None)
         baseline.add_argument("-h", "--help", action="store_true")
         if name == "ppo":
             baseline.add_argument("--resume", default=None, metavar="RUN_DIR")
         if name == "compare":
-            baseline.add_argument("--methods", default="best_of_k,raft,rrhf,ppo")
+            baseline.add_argument("--methods", default="best_of_k,raft,raft_undefended,rrhf,ppo")
+            baseline.add_argument("--seeds", default=None)  # comma-separated; checked by compare.parse_seeds
             baseline.add_argument("--budget-samples", default=None)
             baseline.add_argument("--budget-seconds", default=None)
             baseline.add_argument("--out", default=None)
@@ -134,14 +139,15 @@ def run_baseline(args: argparse.Namespace, overrides: list[str], argv: list[str]
         import shlex
         from datetime import datetime
 
-        from raft.baselines.compare import compare
+        from raft.baselines.compare import compare, parse_seeds
 
         out = Path(args.out or f"reports/compare-{datetime.now():%Y%m%d-%H%M%S}")
         threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
         compare(config, [m.strip() for m in args.methods.split(",") if m.strip()], out,
                 threads + "raft " + shlex.join(argv),
                 budget_samples=number_option(args.budget_samples, "--budget-samples", int),
-                budget_seconds=number_option(args.budget_seconds, "--budget-seconds", float))
+                budget_seconds=number_option(args.budget_seconds, "--budget-seconds", float),
+                seeds=parse_seeds(args.seeds))
     return 0
 
 

@@ -301,3 +301,32 @@ def test_bad_defence_values_are_one_line(modality, override, expected):
     with pytest.raises(ConfigError) as error:
         raft.load_config(modality, overrides=[override])
     assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+# ---- diffusion: diversity through CLIP image embeddings, and the diversity guard
+
+
+def test_diffusion_diversity_selection_and_guard(tiny_sd_dir, tiny_clip_dir, tmp_path, capsys, one_thread):
+    from tiny_diffusion import tiny_diffusion_overrides
+
+    run_dir = tmp_path / "run"
+    overrides = tiny_diffusion_overrides(tiny_sd_dir, tiny_clip_dir, run_dir)[2:]  # past "--modality diffusion"
+    # every pair of tiny-CLIP image embeddings is more alike than -1, so a bound of -1 passes every candidate over
+    # but the first; the guard bound of 1.0 trips unless diversity rises
+    config = raft.load_config("diffusion", overrides=overrides + [
+        "selection.diversity.max_similarity=0.0", "guard.min_diversity_ratio=1.0", "iterations=3"])
+    raft.run(config)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "iterations/iter-0001/samples.jsonl").read_text().splitlines()]
+    kept = [r for r in records if r["selected"]]
+    passed = [r for r in records if r.get("not_kept")]
+    assert rows[1]["selection/passed_over"] == len(passed) >= 1
+    assert all("similarity" in r["not_kept"] for r in passed)
+    assert len(kept) + len(passed) <= len(records)
+    assert "eval/diversity_within_prompt" in rows[0] and "eval/kl_to_start" not in rows[0]
+    out = capsys.readouterr().out
+    fell = [r for r in rows[1:] if r["eval/diversity_within_prompt"] < rows[0]["eval/diversity_within_prompt"]]
+    if fell:  # the first iteration whose diversity fell is the last one run
+        assert rows[-1] == fell[0] and "eval/diversity_within_prompt fell to" in out
+    else:
+        assert len(rows) == 4 and "guard:" not in out

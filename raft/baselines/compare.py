@@ -1,12 +1,14 @@
-"""`raft compare`: RAFT, RRHF, PPO and best-of-K on the same model, prompts, reward and budget, and a report.
+"""`raft compare`: RAFT with and without its collapse defences, RRHF, PPO and best-of-K on the same model,
+prompts, reward and budget, over one or more seeds, and a report.
 
-Every method runs as its own subprocess, one after another (`raft best-of-k`, `raft run`, `raft run` with
-finetune.objective=rrhf, `raft ppo`), from one shared config, so each one's wall-clock and peak memory (its
-peak resident set size) are measured alone and in the same session. Afterwards each trained
-policy's KL to the starting model is measured the same way for all (see `kl_to_reference`), and
-<out>/report.md, results.json, reward_vs_wallclock.png and reward_vs_samples.png are written.
+Every run (one method with one seed) is its own subprocess, one after another (`raft best-of-k`, `raft run`,
+`raft run` with the defences off, `raft run` with finetune.objective=rrhf, `raft ppo`), from one shared
+config, so each one's wall-clock and peak memory (its peak resident set size) are measured alone and in the
+same session. A policy's KL to the starting model is its last metrics row's eval/kl_to_start, which every
+run's loop measures the same way. <out>/report.md (mean ± std over seeds, then each run), results.json,
+reward_vs_wallclock.png, reward_vs_samples.png and reward_vs_kl.png are written.
 
-    raft compare --budget-samples 384 --out reports/my-comparison data.eval_size=32
+    raft compare --budget-samples 384 --seeds 0,1,2 --out reports/my-comparison data.eval_size=32
 """
 
 from __future__ import annotations
@@ -15,69 +17,117 @@ import copy
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 import yaml
 
-from raft.baselines.best_of_k import kl_bound
-from raft.config import to_dict
+from raft.config import GUARD_BOUNDS, _merge, to_dict
 from raft.errors import RaftError
 from raft.metrics import train_seconds
-from raft.rundir import RunDirectory, iteration_name, to_jsonl
+from raft.rundir import RunDirectory, iteration_name
 
-METHODS = ("best_of_k", "raft", "rrhf", "ppo")
-LABELS = {"start": "starting policy", "best_of_k": "best-of-K (inference)", "raft": "RAFT", "rrhf": "RRHF",
-          "ppo": "PPO"}
-COMMANDS = {"best_of_k": "best-of-k", "raft": "run", "rrhf": "run", "ppo": "ppo"}
+METHODS = ("best_of_k", "raft", "raft_undefended", "rrhf", "ppo")
+LABELS = {"start": "starting policy", "best_of_k": "best-of-K (inference)", "raft": "RAFT (defended)",
+          "raft_undefended": "RAFT (undefended)", "rrhf": "RRHF", "ppo": "PPO"}
+COMMANDS = {"best_of_k": "best-of-k", "raft": "run", "raft_undefended": "run", "rrhf": "run", "ppo": "ppo"}
+COLOURS = {"best_of_k": "tab:gray", "raft": "tab:blue", "raft_undefended": "tab:orange", "rrhf": "tab:green",
+           "ppo": "tab:red"}
+
+# What turns every collapse defence off. Only the defended RAFT keeps the shared config's; everything else,
+# the sampling temperature included, stays the same for all methods.
+DEFENCES_OFF = {
+    "kl": {"beta": 0.0, "adaptive": False},
+    "selection": {"diversity": {"max_similarity": None, "max_opening_share": None}},
+    "finetune": {"replay": {"share": 0.0}},
+    "guard": {name: None for name in GUARD_BOUNDS},
+}
 
 
 def compare(config, methods: list[str], out: Path, command_line: str, budget_samples: int | None = None,
-            budget_seconds: float | None = None) -> Path:
-    """Run `methods` with the shared `config` (a TextPPOConfig) under one budget; returns the report's path."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise RaftError(f"compare: unknown method '{unknown[0] if unknown else ''}' (methods: {', '.join(METHODS)})")
+            budget_seconds: float | None = None, seeds: list[int] | None = None) -> Path:
+    """Run `methods` once per seed (default: the config's) with the shared `config` (a TextPPOConfig) under
+    one budget; returns the report's path."""
+    seeds = [config.seed] if seeds is None else seeds
+    check_choices(methods, seeds)
     runs = Path(out) / "runs"
     if runs.exists() and any(runs.iterdir()):
         raise RaftError(f"compare: '{runs}' already holds runs; choose another --out or remove it")
     runs.mkdir(parents=True, exist_ok=True)
     shared = with_budget(to_dict(config), budget_samples, budget_seconds)
 
+    # seed by seed, every method within a seed: a change in the machine's load over the session spreads over
+    # all methods instead of falling on the last one
     results = {}
-    for method in methods:
-        data = method_settings(shared, method, runs / method)
-        config_path = runs / f"{method}.yaml"
-        config_path.write_text(yaml.safe_dump(data, sort_keys=False, width=100))
-        command = [sys.executable, "-m", "raft", COMMANDS[method], "--config", str(config_path)]
-        print(f"compare: {LABELS[method]}: raft {COMMANDS[method]} --config {config_path} (log: {runs / method}.log)",
-              flush=True)
-        measured = run_measured(command, runs / f"{method}.log")
-        measured["rows"] = RunDirectory(runs / method).metrics()
-        results[method] = measured
-        status = "done" if measured["returncode"] == 0 else f"FAILED (exit {measured['returncode']})"
-        print(f"compare: {LABELS[method]} {status} in {measured['wall_seconds']:.0f} s, peak RSS "
-              f"{measured['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
-
-    trained = [m for m in methods if m != "best_of_k" and results[m]["returncode"] == 0]
-    if trained:
-        print("compare: measuring each policy's KL to the starting model on its held-out samples", flush=True)
-        kls = kl_to_reference(config, [runs / m for m in trained])
-        for method, kl in zip(trained, kls):
-            results[method]["kl_to_reference"] = kl
+    for seed in seeds:
+        for method in methods:
+            results[run_name(method, seed)] = run_method(shared, method, seed, runs)
 
     (Path(out) / "results.json").write_text(json.dumps(
         {"command": command_line, "budget_samples": budget_samples, "budget_seconds": budget_seconds,
-         "config": shared, "results": results}, indent=1, default=float) + "\n")
+         "seeds": seeds, "config": shared, "results": results}, indent=1, default=float) + "\n")
     plot_reward(results, "samples", Path(out) / "reward_vs_samples.png")
     plot_reward(results, "seconds", Path(out) / "reward_vs_wallclock.png")
+    plot_frontier(results, Path(out) / "reward_vs_kl.png")
     report = Path(out) / "report.md"
-    report.write_text(markdown_report(results, shared, command_line, budget_samples, budget_seconds))
+    report.write_text(markdown_report(results, shared, command_line, budget_samples, budget_seconds, seeds))
     print(f"compare: report written to {report}", flush=True)
     return report
+
+
+def check_choices(methods: list[str], seeds: list[int]) -> None:
+    """Known methods and seeds, each once: a repeat would reuse a run directory."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise RaftError(f"compare: unknown method '{unknown[0] if unknown else ''}' (methods: {', '.join(METHODS)})")
+    for kind, chosen in (("method", methods), ("seed", seeds)):
+        twice = [c for c, n in Counter(chosen).items() if n > 1]
+        if twice:
+            raise RaftError(f"compare: {kind} '{twice[0]}' is listed twice")
+    if not seeds:
+        raise RaftError("compare: --seeds names no seed")
+
+
+def parse_seeds(raw: str | None) -> list[int] | None:
+    """--seeds 0,1,2 as a list; None when not given (the config's seed)."""
+    if raw is None:
+        return None
+    try:
+        seeds = [int(part) for part in raw.split(",")]
+    except ValueError:
+        raise RaftError(f"compare: --seeds must be comma-separated integers, got '{raw}'") from None
+    if any(seed < 0 for seed in seeds):  # numpy's seed sequences take no negative entropy
+        raise RaftError(f"compare: --seeds must be >= 0, got '{raw}'")
+    return seeds
+
+
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def run_method(shared: dict, method: str, seed: int, runs: Path) -> dict:
+    """One measured run: runs/<method>-seed<N>/ with its config file and log beside it."""
+    name = run_name(method, seed)
+    config_path = runs / f"{name}.yaml"
+    data = method_settings(shared, method, runs / name, seed)
+    config_path.write_text(yaml.safe_dump(data, sort_keys=False, width=100))
+    command = [sys.executable, "-m", "raft", COMMANDS[method], "--config", str(config_path)]
+    print(f"compare: {LABELS[method]}, seed {seed}: raft {COMMANDS[method]} --config {config_path} "
+          f"(log: {runs / name}.log)", flush=True)
+    result = {"method": method, "seed": seed, **run_measured(command, runs / f"{name}.log"),
+              "rows": RunDirectory(runs / name).metrics()}
+    if method == "best_of_k" and result["rows"]:
+        # best-of-K's own row has no opening share; measured here the loop's way, from the chosen answers
+        result["top_opening_share"] = top_opening_share(runs / name, data["selection"]["diversity"]["opening_words"])
+    status = "done" if result["returncode"] == 0 else f"FAILED (exit {result['returncode']})"
+    print(f"compare: {LABELS[method]}, seed {seed} {status} in {result['wall_seconds']:.0f} s, peak RSS "
+          f"{result['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    return result
 
 
 def with_budget(shared: dict, budget_samples: int | None, budget_seconds: float | None) -> dict:
@@ -96,17 +146,25 @@ def with_budget(shared: dict, budget_samples: int | None, budget_seconds: float 
     return shared
 
 
-def method_settings(shared: dict, method: str, run_dir: Path) -> dict:
-    """The config file of one method: the shared settings, plus what makes the method itself."""
+def method_settings(shared: dict, method: str, run_dir: Path, seed: int | None = None) -> dict:
+    """The config file of one run: the shared settings, plus what makes the method itself.
+
+    Only `raft` keeps the shared collapse defences. `raft_undefended` and `rrhf` (as published) run without
+    them; PPO (its own KL penalty) and best-of-K (no training) use none of them, and with them off their
+    settings files say what was in effect and no guard bound can stop them early."""
     data = copy.deepcopy(shared)
     data["run_dir"] = str(run_dir)
+    if seed is not None:
+        data["seed"] = seed
     ppo = data.pop("ppo")
+    if method != "raft":
+        data = _merge(data, DEFENCES_OFF)
     if method == "ppo":
         data["ppo"] = ppo
-    elif method == "rrhf":  # every scored candidate goes to the ranking loss
+    if method == "rrhf":  # every scored candidate goes to the ranking loss
         data["finetune"]["objective"] = "rrhf"
         data["selection"]["strategy"] = "all"
-    else:
+    else:  # PPO and best-of-K ignore it, but a shared rrhf would fail their validation with local selection
         data["finetune"]["objective"] = "sft"
     return data
 
@@ -150,42 +208,81 @@ def vm_hwm(pid: int) -> int | None:
     return None
 
 
-@torch.no_grad()
-def kl_to_reference(config, run_dirs: list[Path], batch_size: int = 8) -> list[float]:
-    """Per run: KL(policy || starting model) per response, on the final policy's own held-out samples.
+def top_opening_share(run_dir: Path, opening_words: int) -> float:
+    """Share of a run's iteration-0 held-out answers that open with its most common first words."""
+    from raft.modalities.text.diversity import opening_of
 
-    Exact over the vocabulary at each response position, summed along the sampled response and averaged over
-    responses (an unbiased, low-variance estimate of the sequence KL), with both models' logits divided by
-    the sampling temperature, the distribution the responses were drawn from."""
-    from raft.modalities.text.config import LoraConfig
-    from raft.modalities.text.model import load_policy
-    from raft.modalities.text.sft import IGNORE, build_example, collate
-
-    temperature = config.generation.temperature or 1.0
-    reference = load_policy(config.model, LoraConfig(), None).model
-    kls = []
-    for path in run_dirs:
-        run = RunDirectory(path)
-        policy = load_policy(config.model, config.finetune.lora, run.latest_checkpoint())
-        folder = path / "iterations" / iteration_name(run.completed_iteration)
-        samples = [json.loads(line) for line in (folder / "eval_samples.jsonl").read_text().splitlines()]
-        examples = [build_example(policy.encode_prompt(s["prompt"]), s["token_ids"], config.finetune.max_seq_length)
-                    for s in samples]
-        total = 0.0
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size], policy.tokenizer.pad_token_id, policy.device)
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            mine = torch.log_softmax(policy.model(**inputs).logits[:, :-1].float() / temperature, -1)
-            theirs = torch.log_softmax(reference(**inputs).logits[:, :-1].float() / temperature, -1)
-            per_token = (mine.exp() * (mine - theirs)).sum(-1)
-            total += (per_token * (batch["labels"][:, 1:] != IGNORE)).sum().item()
-        kls.append(total / max(1, len(examples)))
-        del policy
-    return kls
+    path = Path(run_dir) / "iterations" / iteration_name(0) / "eval_samples.jsonl"
+    openings = Counter(opening_of(json.loads(line)["output"], opening_words)
+                       for line in path.read_text().splitlines() if line.strip())
+    return openings.most_common(1)[0][1] / sum(openings.values()) if openings else math.nan
 
 
 # ----------------------------------------------------------------------------------------------
-# the report
+# per-run numbers and their spread over seeds
+
+COLUMNS = ("reward", "delta", "distinct_2", "distinct_2_ratio", "top_opening_share", "perplexity",
+           "perplexity_change", "kl", "iterations", "train_seconds", "peak_rss_gib")
+
+
+def run_summary(result: dict, start: dict | None) -> dict[str, float]:
+    """One finished run's numbers (COLUMNS): its last metrics row, against the starting policy's row `start`
+    (row 0 of a trained run with the same seed; best-of-K has none of its own). NaN where a metric is missing."""
+    rows = result["rows"]
+    last = rows[-1]
+    best_of_k = result["method"] == "best_of_k"
+    reward, distinct_2, perplexity = (value(last, f"eval/{k}") for k in ("reward_mean", "distinct_2", "perplexity"))
+    return {
+        "reward": reward,
+        "delta": reward - value(start, "eval/reward_mean"),
+        "distinct_2": distinct_2,
+        "distinct_2_ratio": ratio(distinct_2, value(start, "eval/distinct_2")),
+        # best-of-K's is measured by compare itself (run_method): its row has none
+        "top_opening_share": result.get("top_opening_share", value(last, "eval/top_opening_share")),
+        "perplexity": perplexity,
+        "perplexity_change": 100 * (ratio(perplexity, value(start, "eval/perplexity")) - 1),
+        "kl": value(last, "best_of_k/kl_bound" if best_of_k else "eval/kl_to_start"),
+        "iterations": last["iteration"],
+        "train_seconds": train_seconds(rows),
+        "peak_rss_gib": result["peak_rss_bytes"] / 2**30,
+    }
+
+
+def value(row: dict | None, key: str) -> float:
+    number = (row or {}).get(key)
+    return float(number) if isinstance(number, (int, float)) and not isinstance(number, bool) else math.nan
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator and math.isfinite(denominator) else math.nan
+
+
+def seed_statistics(summaries: list[dict[str, float]]) -> dict[str, tuple[float, float | None]]:
+    """Per column of the runs' summaries (one per seed): the mean and the sample standard deviation (n - 1),
+    None when only one seed has the value. Missing values (NaN) are left out; a column left with none is NaN."""
+    spread = {}
+    for column in summaries[0] if summaries else ():
+        values = [s[column] for s in summaries if math.isfinite(s[column])]
+        spread[column] = (statistics.fmean(values) if values else math.nan,
+                          statistics.stdev(values) if len(values) > 1 else None)
+    return spread
+
+
+def starting_rows(results: dict) -> dict[int, dict]:
+    """Per seed, the starting policy's metrics row: row 0 of that seed's first trained run that has one."""
+    starts = {}
+    for result in results.values():
+        if result["method"] != "best_of_k" and result["rows"]:
+            starts.setdefault(result["seed"], result["rows"][0])
+    return starts
+
+
+def finished(result: dict) -> bool:
+    return result["returncode"] == 0 and bool(result["rows"])
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
 
 
 def curve(rows: list[dict], x: str) -> tuple[list[float], list[float], list[float]]:
@@ -201,67 +298,186 @@ def curve(rows: list[dict], x: str) -> tuple[list[float], list[float], list[floa
     return xs, ys, errors
 
 
-def plot_reward(results: dict, x: str, path: Path) -> None:
+def frontier(rows: list[dict]) -> tuple[list[float], list[float]]:
+    """(KL to the starting model, held-out reward) per evaluated iteration of a trained run; the starting
+    policy (iteration 0) is at KL 0 even where its row does not say so."""
+    kls, rewards = [], []
+    for row in rows:
+        kl = row.get("eval/kl_to_start", 0.0 if row.get("iteration") == 0 else None)
+        if isinstance(kl, (int, float)) and isinstance(row.get("eval/reward_mean"), (int, float)):
+            kls.append(kl)
+            rewards.append(row["eval/reward_mean"])
+    return kls, rewards
+
+
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def label_once(method: str, labelled: set[str], text: str | None = None) -> str | None:
+    """A method's legend label on its first run only (the first seed): its other seeds share the colour."""
+    if method in labelled:
+        return None
+    labelled.add(method)
+    return text or LABELS[method]
+
+
+def plot_reward(results: dict, x: str, path: Path) -> None:
+    """Held-out reward against generated samples or training wall-clock: one line per run."""
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for method, result in results.items():
-        if not result["rows"]:
+    labelled: set[str] = set()
+    for result in results.values():
+        method, rows = result["method"], result["rows"]
+        if not rows:
             continue
-        xs, ys, errors = curve(result["rows"], x)
+        xs, ys, errors = curve(rows, x)
         if method == "best_of_k":
-            axis.axhline(ys[0], color="gray", linestyle="--", label=f"best-of-{result['rows'][0]['best_of_k/k']} "
-                         "at inference (no training)")
+            label = label_once(method, labelled, f"best-of-{rows[0]['best_of_k/k']} at inference (no training)")
+            axis.axhline(ys[0], color=COLOURS[method], linestyle="--", linewidth=1, label=label)
             continue
-        axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=LABELS[method])
+        axis.errorbar(xs, ys, yerr=errors, color=COLOURS[method], marker="o", markersize=3, capsize=2,
+                      linewidth=1, alpha=0.8, label=label_once(method, labelled))
     axis.set_xlabel("generated training samples" if x == "samples" else "training wall-clock, s (evaluation excluded)")
     axis.set_ylabel("held-out reward (mean ± s.e.)")
+    finish(figure, axis, results, path)
+
+
+def plot_frontier(results: dict, path: Path) -> None:
+    """The reward-KL frontier: held-out reward against eval/kl_to_start, one point per iteration of each run
+    (a line joins a run's iterations); best-of-K at its KL bound; the starting policy at KL 0."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    labelled: set[str] = set()
+    for result in results.values():
+        method, rows = result["method"], result["rows"]
+        if not rows:
+            continue
+        if method == "best_of_k":
+            label = label_once(method, labelled, f"best-of-{rows[0]['best_of_k/k']} at inference (KL bound)")
+            axis.scatter([rows[0]["best_of_k/kl_bound"]], [rows[0]["eval/reward_mean"]], marker="*", s=90,
+                         color=COLOURS[method], zorder=3, label=label)
+            continue
+        kls, rewards = frontier(rows)
+        axis.plot(kls, rewards, color=COLOURS[method], marker="o", markersize=3, linewidth=1, alpha=0.8,
+                  label=label_once(method, labelled))
+    for start in starting_rows(results).values():
+        axis.scatter([0.0], [start["eval/reward_mean"]], marker="s", s=30, color="black", zorder=4,
+                     label=label_once("start", labelled))
+    axis.set_xlabel("KL to the starting model, nats per response (eval/kl_to_start)")
+    axis.set_ylabel("held-out reward")
+    finish(figure, axis, results, path)
+
+
+def finish(figure, axis, results: dict, path: Path) -> None:
+    seeds = {result["seed"] for result in results.values()}
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, title="one line per seed" if len(seeds) > 1 else None, title_fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
+    pyplot().close(figure)
 
 
-def markdown_report(results: dict, shared: dict, command_line: str, budget_samples, budget_seconds) -> str:
-    def number(value, digits=3):
-        return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+# ----------------------------------------------------------------------------------------------
+# the report
 
-    start = next((r["rows"][0] for m, r in results.items() if m != "best_of_k" and r["rows"]), None)
-    lines = [
-        "| method | iterations | training samples | held-out reward | Δ vs start | perplexity | distinct-1 | "
-        "distinct-2 | KL to start (nats/response) | training wall-clock (s) | process wall-clock (s) | peak RSS (GiB) | "
-        "machine load (start → end) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    if start is not None:
-        lines.append(f"| {LABELS['start']} | 0 | 0 | {number(start['eval/reward_mean'])} ± "
-                     f"{number(start.get('eval/reward_sem'))} | | {number(start.get('eval/perplexity'), 2)} | "
-                     f"{number(start.get('eval/distinct_1'))} | {number(start.get('eval/distinct_2'))} | 0 | | | | |")
-    for method, result in results.items():
-        rows = result["rows"]
-        if result["returncode"] != 0 or not rows:
-            lines.append(f"| {LABELS[method]} | failed (exit {result['returncode']}, see runs/{method}.log) |"
-                         + " |" * 11)
+HEADER = ("held-out reward | Δ vs start | distinct-2 | distinct-2 / start's | top opening share | perplexity | "
+          "perplexity vs start | KL to start (nats/response) | iterations | training wall-clock (s) | peak RSS (GiB)")
+DIGITS = {"reward": 3, "delta": 3, "distinct_2": 3, "distinct_2_ratio": 2, "top_opening_share": 2, "perplexity": 2,
+          "perplexity_change": 1, "kl": 2, "iterations": 1, "train_seconds": 0, "peak_rss_gib": 2}
+
+
+def cell(column: str, mean: float, std: float | None = None, digits: int | None = None) -> str:
+    """A table cell: `mean ± std`, or the value alone (one seed); signed for changes, '–' when missing."""
+    if not math.isfinite(mean):
+        return "–"
+    digits = DIGITS[column] if digits is None else digits
+    sign = "+" if column in ("delta", "perplexity_change") else ""
+    unit = " %" if column == "perplexity_change" else ""
+    text = f"{mean:{sign}.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    return text + unit
+
+
+def method_name(method: str, runs: list[dict]) -> str:
+    """The method's label; best-of-K's says its K, from the runs' rows."""
+    k = next((r["rows"][0].get("best_of_k/k") for r in runs if r["rows"]), None) if method == "best_of_k" else None
+    return f"best-of-{k} (inference)" if k else LABELS[method]
+
+
+def kl_cell(method: str, text: str) -> str:
+    return f"≤ {text} (bound)" if method == "best_of_k" and text != "–" else text
+
+
+def mean_table(results: dict, methods: list[str], starts: dict[int, dict]) -> list[str]:
+    """Per method, mean ± std over its finished seeds; the starting policy first."""
+    lines = [f"| method | seeds | {HEADER} |", "|---" * (2 + len(COLUMNS)) + "|"]
+    if starts:
+        start = seed_statistics([{"reward": value(r, "eval/reward_mean"), "distinct_2": value(r, "eval/distinct_2"),
+                                  "top_opening_share": value(r, "eval/top_opening_share"),
+                                  "perplexity": value(r, "eval/perplexity")} for r in starts.values()])
+        lines.append(f"| {LABELS['start']} | {len(starts)} | {cell('reward', *start['reward'])} | | "
+                     f"{cell('distinct_2', *start['distinct_2'])} | 1 | "
+                     f"{cell('top_opening_share', *start['top_opening_share'])} | "
+                     f"{cell('perplexity', *start['perplexity'])} | | 0 | 0 | | |")
+    for method in methods:
+        runs = [r for r in results.values() if r["method"] == method]
+        done = [run_summary(r, starts.get(r["seed"])) for r in runs if finished(r)]
+        failed = len(runs) - len(done)
+        seeds = f"{len(done)}" + (f" ({failed} failed)" if failed else "")
+        if not done:
+            lines.append(f"| {method_name(method, runs)} | {seeds} |" + " |" * len(COLUMNS))
             continue
-        last = rows[-1]
-        if method == "best_of_k":
-            kl = f"≤ {number(last['best_of_k/kl_bound'], 2)} (bound)"
-            name = f"best-of-{last['best_of_k/k']} (inference)"
-        else:
-            kl, name = number(result.get("kl_to_reference"), 2), LABELS[method]
-        delta = last["eval/reward_mean"] - start["eval/reward_mean"] if start else math.nan
-        lines.append(
-            f"| {name} | {last['iteration']} | {sum(r.get('samples', 0) for r in rows)} | "
-            f"{number(last['eval/reward_mean'])} ± {number(last.get('eval/reward_sem'))} | {delta:+.3f} | "
-            f"{number(last.get('eval/perplexity'), 2)} | {number(last.get('eval/distinct_1'))} | "
-            f"{number(last.get('eval/distinct_2'))} | {kl} | {number(train_seconds(rows), 0)} | "
-            f"{number(result['wall_seconds'], 0)} | {number(result['peak_rss_bytes'] / 2**30, 2)} | "
-            f"{result['load_average'][0]:.1f} → {result['load_average'][1]:.1f} |")
+        spread = seed_statistics(done)
+        cells = [cell(c, *spread[c]) for c in COLUMNS]
+        cells[COLUMNS.index("kl")] = kl_cell(method, cells[COLUMNS.index("kl")])
+        lines.append(f"| {method_name(method, runs)} | {seeds} | {' | '.join(cells)} |")
+    return lines
 
+
+def seed_table(results: dict, methods: list[str], starts: dict[int, dict]) -> list[str]:
+    """One line per run, method by method."""
+    lines = [f"| method | seed | {HEADER} | machine load (start → end) |", "|---" * (3 + len(COLUMNS)) + "|"]
+    for method in methods:
+        for name, result in results.items():
+            if result["method"] != method:
+                continue
+            prefix = f"| {method_name(method, [result])} | {result['seed']} |"
+            if not finished(result):
+                lines.append(f"{prefix} failed (exit {result['returncode']}, see runs/{name}.log) |"
+                             + " |" * len(COLUMNS))
+                continue
+            summary = run_summary(result, starts.get(result["seed"]))
+            cells = [cell(c, summary[c], digits=0 if c == "iterations" else None) for c in COLUMNS]
+            cells[COLUMNS.index("kl")] = kl_cell(method, cells[COLUMNS.index("kl")])
+            load = result["load_average"]
+            lines.append(f"{prefix} {' | '.join(cells)} | {load[0]:.1f} → {load[1]:.1f} |")
+    return lines
+
+
+def defences(shared: dict) -> str:
+    """The defended RAFT's collapse-defence settings, as the report states them."""
+    def show(setting) -> str:  # as in the config files
+        return "null" if setting is None else str(setting).lower() if isinstance(setting, bool) else f"{setting:g}"
+
+    kl, diversity, guard = shared["kl"], shared["selection"]["diversity"], shared["guard"]
+    bounds = ", ".join(f"{name}={show(guard[name])}" for name in GUARD_BOUNDS if guard[name] is not None)
+    guarded = f"{bounds} ({guard['action']})" if bounds else "off"
+    return (f"kl.beta={show(kl['beta'])} (adaptive: {show(kl['adaptive'])}, target {show(kl['target'])}), "
+            f"selection.diversity.max_similarity={show(diversity['max_similarity'])}, "
+            f"selection.diversity.max_opening_share={show(diversity['max_opening_share'])}, "
+            f"finetune.replay.share={show(shared['finetune']['replay']['share'])}, "
+            f"guard: {guarded}")
+
+
+def markdown_report(results: dict, shared: dict, command_line: str, budget_samples, budget_seconds,
+                    seeds: list[int]) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in results.values()))
+    starts = starting_rows(results)
     budget = []
     if budget_samples is not None:
         budget.append(f"{budget_samples} generated samples ({shared['iterations']} iterations)")
@@ -270,7 +486,7 @@ def markdown_report(results: dict, shared: dict, command_line: str, budget_sampl
     rankers = ", ".join(r["kind"] + (f":{r['lexicon']}" if r["kind"] == "lexicon" else "") for r in shared["rankers"])
     eval_size = shared["data"]["eval_size"]
     return "\n".join([
-        "# RAFT vs RRHF vs PPO vs best-of-K",
+        "# RAFT (defended and undefended) vs RRHF vs PPO vs best-of-K",
         "",
         f"Reproduce with `{command_line}`.",
         "",
@@ -278,23 +494,37 @@ def markdown_report(results: dict, shared: dict, command_line: str, budget_sampl
         f"reward: {rankers}, prompts: `{shared['data']['prompts']}`",
         f"- per iteration: {shared['prompts_per_iteration']} prompts x {shared['samples_per_prompt']} samples "
         f"(max {shared['generation']['max_new_tokens']} new tokens, temperature {shared['generation']['temperature']}), "
-        f"seed {shared['seed']}",
+        f"seeds {', '.join(map(str, seeds))}",
         f"- budget per trained method: {'; '.join(budget) or str(shared['iterations']) + ' iterations'}",
+        f"- collapse defences of RAFT (defended): {defences(shared)}; RAFT (undefended), RRHF, PPO and best-of-K "
+        "run with them all off",
         f"- held-out reward: {eval_size} held-out prompts x {shared['eval']['samples_per_prompt']} samples, the same "
-        "sampling seed for every method and iteration; perplexity on held-out reference reviews",
-        "- each method ran in its own process, one after another; wall-clock and peak RSS are that process's; "
-        f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        "held-out prompts and sampling seed for every method, seed and iteration; perplexity on held-out reference "
+        "reviews",
+        "- each run ran in its own process, one after another (seed by seed); wall-clock and peak RSS are that "
+        f"process's; {os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
         f"CUDA {'available' if torch.cuda.is_available() else 'not available'}; the machine load (1-minute "
-        "average) says how much other work shared the cores",
+        "average, per run below) says how much other work shared the cores",
         "",
-        *lines,
+        "Mean ± standard deviation over seeds (n - 1 in the denominator; the value alone for one seed), at each "
+        "run's last iteration:",
         "",
-        "Training wall-clock: generation, ranking, selection and the update, summed over iterations (evaluation "
-        "excluded). Process wall-clock: everything, model loading and every evaluation included. KL: exact over "
-        "the vocabulary at each position of the final policy's held-out samples, at the sampling temperature, "
-        "summed over the response. Best-of-K's KL is the analytic bound log K - (K-1)/K.",
+        *mean_table(results, methods, starts),
+        "",
+        "Per seed:",
+        "",
+        *seed_table(results, methods, starts),
+        "",
+        "Δ, distinct-2 / start's and perplexity vs start compare each run with the starting policy of its own seed. "
+        "Top opening share: the share of held-out replies opening with the most common "
+        f"{shared['selection']['diversity']['opening_words']} words. Training wall-clock: generation, ranking, "
+        "selection and the update, summed over iterations (evaluation excluded). KL to start: the last "
+        "iteration's eval/kl_to_start, exact over the vocabulary at each position of the policy's held-out "
+        "samples, at the sampling temperature, summed over the response. Best-of-K's KL is the analytic bound "
+        "log K - (K-1)/K. Iterations fall short of the budget where a guard bound stopped a run.",
         "",
         "![held-out reward against training wall-clock](reward_vs_wallclock.png)",
         "![held-out reward against generated samples](reward_vs_samples.png)",
+        "![held-out reward against KL to the starting model](reward_vs_kl.png)",
         "",
     ])
