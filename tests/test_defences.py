@@ -50,8 +50,8 @@ def test_kl_term_matches_a_hand_computation(tiny_model_dir, lora, one_thread):
 
     policy = load_policy(TextModelConfig(name_or_path=str(tiny_model_dir)), LoraConfig(enabled=lora, r=4), None)
     start = copy.deepcopy(policy.model)
-    reference = TextReference(policy, starting_model_loader(policy, TextModelConfig(name_or_path=str(tiny_model_dir)),
-                                                            None), temperature=0.7, max_length=512)
+    start_loader = starting_model_loader(TextModelConfig(name_or_path=str(tiny_model_dir)))
+    reference = TextReference(policy, start_loader, temperature=0.7, max_length=512)
     samples = TextSampler(policy, TextGenerationConfig(max_new_tokens=8, temperature=0.7), progress=False).generate(
         ["the film was", "a dull plot"], 3, seed=1)
     assert reference.log_ratios(samples) == pytest.approx([0.0] * 6, abs=1e-5)  # the policy is still the start

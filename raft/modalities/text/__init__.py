@@ -31,8 +31,9 @@ class TextModality(Modality):
         replay_texts = load_replay_texts(replay.texts, replay.field, config.data) if replay.share > 0 else []
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
         finetuner_class = RrhfFineTuner if config.finetune.objective == "rrhf" else TextFineTuner
-        reference = TextReference(policy, starting_model_loader(policy, config.model, checkpoint),
-                                  config.generation.temperature, config.finetune.max_seq_length)
+        reference = TextReference(policy, starting_model_loader(config.model),
+                                  config.generation.temperature, config.finetune.max_seq_length,
+                                  starts_at_start=checkpoint is None)
         diversity = config.selection.diversity
         features = FEATURES["ngram" if diversity.features == "auto" else diversity.features]
         return Components(

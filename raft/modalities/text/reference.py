@@ -8,14 +8,10 @@ temperature, the distribution the responses were drawn from, and scored on the t
 
 from __future__ import annotations
 
-import contextlib
-import copy
-
 import torch
 
 from raft.interface import ReferenceModel, Sample
 from raft.modalities.text.model import TextPolicy
-from raft.modalities.text.sft import IGNORE, build_example, collate
 
 
 def response_ids(policy: TextPolicy, sample: Sample) -> list[int]:
@@ -28,19 +24,15 @@ def response_ids(policy: TextPolicy, sample: Sample) -> list[int]:
 
 class TextReference(ReferenceModel):
     def __init__(self, policy: TextPolicy, load_start: callable, temperature: float, max_length: int,
-                 batch_size: int = 8):
-        """`load_start()` returns the starting model; it is only called under full fine-tuning."""
+                 batch_size: int = 16, starts_at_start: bool = True):
+        """`load_start()` returns the starting model; it is only called under full fine-tuning.
+        `starts_at_start`: the policy holds the starting weights now (False when resumed from a checkpoint)."""
         self.policy, self.max_length, self.batch_size = policy, max_length, batch_size
+        self._starts_at_start, self._start_fingerprint = starts_at_start, None
         self.temperature = temperature if temperature > 0 else 1.0
         self.adapter = hasattr(policy.model, "disable_adapter")  # a peft model
         self.frozen = None
         self._load_start = load_start
-
-    def _reference(self):
-        """A context in which `forward` runs the starting model."""
-        if self.adapter:
-            return self.policy.model.disable_adapter()
-        return contextlib.nullcontext()
 
     def _frozen_model(self) -> torch.nn.Module:
         if self.frozen is None:
@@ -52,33 +44,87 @@ class TextReference(ReferenceModel):
     @torch.no_grad()
     def measure(self, samples: list[Sample]) -> tuple[list[float], list[float]]:
         """(log-ratio of the sampled tokens, exact KL) per sample, each summed over the response."""
+        if not samples:
+            return [], []
+        if self._unchanged():  # nothing trained yet: both are 0, no forward pass needed
+            return [0.0] * len(samples), [0.0] * len(samples)
         policy = self.policy
-        examples = [build_example(policy.encode_prompt(s.prompt), response_ids(policy, s), self.max_length)
-                    for s in samples]
-        ratios, kls = [], []
+        by_prompt: dict[str, list[int]] = {}
+        for index, sample in enumerate(samples):
+            by_prompt.setdefault(sample.prompt, []).append(index)
+        ratios, kls = [0.0] * len(samples), [0.0] * len(samples)
         was_training = policy.model.training
         policy.model.eval()
-        for start in range(0, len(examples), self.batch_size):
-            batch = collate(examples[start : start + self.batch_size], policy.tokenizer.pad_token_id, policy.device)
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            mine = self._logprobs(policy.model(**inputs).logits)
+        for batch in self._batches(list(by_prompt.values())):
+            prompts = [policy.encode_prompt(samples[group[0]].prompt) for group in batch]
+            responses = [[response_ids(policy, samples[i])[: self.max_length - 1] for i in group] for group in batch]
+            mine = self._response_logprobs(policy.model, prompts, responses)
             if self.adapter:
-                with self._reference():
-                    theirs = self._logprobs(policy.model(**inputs).logits)
+                with policy.model.disable_adapter():
+                    theirs = self._response_logprobs(policy.model, prompts, responses)
             else:
-                theirs = self._logprobs(self._frozen_model()(**inputs).logits)
-            targets = batch["labels"][:, 1:]
-            mask = (targets != IGNORE).to(mine.dtype)
-            index = targets.clamp(min=0).unsqueeze(-1)
-            ratio = (mine.gather(-1, index) - theirs.gather(-1, index)).squeeze(-1)
-            kl = (mine.exp() * (mine - theirs)).sum(-1)
-            ratios += (ratio * mask).sum(-1).tolist()
-            kls += (kl * mask).sum(-1).tolist()
+                theirs = self._response_logprobs(self._frozen_model(), prompts, responses)
+            flat = [r for group in responses for r in group]
+            targets = torch.tensor([r + [0] * (mine.shape[1] - len(r)) for r in flat], device=mine.device)
+            mask = torch.tensor([[1.0] * len(r) + [0.0] * (mine.shape[1] - len(r)) for r in flat], device=mine.device)
+            index = targets.unsqueeze(-1)
+            ratio = ((mine.gather(-1, index) - theirs.gather(-1, index)).squeeze(-1) * mask).sum(-1)
+            kl = ((mine.exp() * (mine - theirs)).sum(-1) * mask).sum(-1)
+            for position, sample_index in enumerate(i for group in batch for i in group):
+                ratios[sample_index], kls[sample_index] = float(ratio[position]), float(kl[position])
         policy.model.train(was_training)
         return ratios, kls
 
-    def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(logits[:, :-1].float() / self.temperature, dim=-1)
+    def _batches(self, groups: list[list[int]]) -> list[list[list[int]]]:
+        """Whole prompts' groups of samples, about `batch_size` samples per forward pass."""
+        batches, current = [], []
+        for group in groups:
+            if current and sum(map(len, current)) + len(group) > self.batch_size:
+                batches.append(current)
+                current = []
+            current.append(group)
+        return batches + ([current] if current else [])
+
+    def _response_logprobs(self, model, prompts: list[list[int]], responses: list[list[list[int]]]) -> torch.Tensor:
+        """Log-probabilities at the sampling temperature of every response position, [responses, length, vocab].
+
+        Each prompt is encoded once and its key/value cache shared by its responses (K samples per prompt make
+        this several times cheaper than encoding prompt + response for each)."""
+        from transformers import DynamicCache
+
+        device = self.policy.device
+        pad = self.policy.tokenizer.pad_token_id
+        longest = [max(1, *map(len, group)) for group in responses]
+        prompts = [ids[max(0, len(ids) - (self.max_length - n)):] for ids, n in zip(prompts, longest)]
+        width = max(map(len, prompts))
+        prompt_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        cache = DynamicCache(config=getattr(model, "config", None))
+        first = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                      position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache, use_cache=True,
+                      logits_to_keep=1).logits  # [prompts, 1, vocab]: predicts each response's first token
+
+        owner = torch.tensor([g for g, group in enumerate(responses) for _ in group], device=device)
+        flat = [r for group in responses for r in group]
+        length = max(1, max(map(len, flat)))
+        cache.batch_select_indices(owner)
+        response_ids = torch.tensor([r + [pad] * (length - len(r)) for r in flat], device=device)
+        response_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in flat], device=device)
+        positions = prompt_mask.sum(-1)[owner, None] + torch.arange(length, device=device)[None]
+        rest = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask[owner], response_mask], dim=1),
+                     position_ids=positions, past_key_values=cache, use_cache=True).logits
+        logits = torch.cat([first[owner], rest[:, :-1]], dim=1)  # position t predicts response token t
+        return torch.log_softmax(logits.float() / self.temperature, dim=-1)
+
+    def _unchanged(self) -> bool:
+        """Whether the policy still holds the starting weights (a cheap fingerprint of its trainable ones)."""
+        fingerprint = self._fingerprint()
+        if self._start_fingerprint is None:
+            self._start_fingerprint = fingerprint if self._starts_at_start else ()
+        return fingerprint == self._start_fingerprint
+
+    def _fingerprint(self) -> tuple:
+        return tuple(float(p.detach().double().sum()) for p in self.policy.model.parameters() if p.requires_grad)
 
     def log_ratios(self, samples: list[Sample]) -> list[float]:
         return self.measure(samples)[0]
@@ -87,12 +133,11 @@ class TextReference(ReferenceModel):
         return self.measure(samples)[1]
 
 
-def starting_model_loader(policy: TextPolicy, model_config, checkpoint) -> callable:
-    """How to get the starting weights under full fine-tuning: a copy of the policy before it was trained, or,
-    when resuming (the policy holds a checkpoint's weights), the configured model loaded again."""
-    if checkpoint is None:
-        snapshot = copy.deepcopy(policy.model).cpu() if not hasattr(policy.model, "disable_adapter") else None
-        return lambda: snapshot
+def starting_model_loader(model_config) -> callable:
+    """How to get the starting weights under full fine-tuning: the configured model, loaded again on first use.
+
+    Loaded the same way whether the run is new or resumed (a deep copy of the policy gives the same weights but
+    not always the same kernels, and a resumed run must reproduce the uninterrupted one exactly)."""
     from raft.modalities.text.config import LoraConfig
     from raft.modalities.text.model import load_policy
 
