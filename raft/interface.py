@@ -80,8 +80,8 @@ class ReferenceModel(ABC):
 
     @abstractmethod
     def kl_to_start(self, samples: list[Sample]) -> list[float]:
-        """Per sample: KL(pi || pi_0) at each response position (exact over the outcomes), summed over the
-        response; its mean over the policy's own samples estimates the sequence KL with low variance."""
+        """Per held-out sample: KL(pi || pi_0) at each response position (exact over the outcomes), summed over
+        the response; its mean over the policy's own samples estimates the sequence KL with low variance."""
 
 
 class Evaluator(ABC):
@@ -113,6 +113,7 @@ class Components:
     # a text sample's opening (its first words, normalised), for the opening cap; None: samples have no opening
     opening: Callable[[Sample], str] | None = None
     eval_samples_per_prompt: int = 1
+    eval_best_of_n: int = 0  # before training, measure best-of-n sampling at inference on the held-out prompts
     eval_seed: int = 0
     # turns a sample's output into JSON-able data; may write files (images) under the given folder
     output_to_record: Callable[[Any, Path, str], Any] = lambda output, folder, key: output

@@ -123,8 +123,12 @@ def evaluate_starting_policy(run_dir: RunDirectory, parts: Components, config: R
     _kill_point(0, "evaluate")
     started = time.perf_counter()
     eval_metrics, eval_samples = evaluate(parts)
+    files = {"eval_samples": eval_samples}
+    if parts.eval_best_of_n:
+        best_metrics, files["best_of_n_samples"] = best_of_n(parts, parts.eval_best_of_n)
+        eval_metrics.update(best_metrics)
     row = {"iteration": 0, **eval_metrics, "time/evaluate": time.perf_counter() - started}
-    run_dir.commit_iteration(0, lambda folder: write_samples(folder, parts, 0, {"eval_samples": eval_samples}),
+    run_dir.commit_iteration(0, lambda folder: write_samples(folder, parts, 0, files),
                              row, save_checkpoint=None, keep_checkpoints=config.keep_checkpoints)
     report(row, config.iterations)
     return 0
@@ -224,11 +228,6 @@ def evaluate(parts: Components) -> tuple[dict, list[Sample]]:
     score_samples(parts.ranker, samples)
     rewards = [s.reward for s in samples]
     metrics = {"eval/reward_mean": mean(rewards), "eval/reward_sem": standard_error(rewards)}
-    if parts.eval_samples_per_prompt > 1:  # what best-of-n at inference would reach with this policy
-        best: dict[int, float] = {}
-        for s in samples:
-            best[s.prompt_index] = max(best.get(s.prompt_index, -math.inf), s.reward)
-        metrics["eval/best_of_n_reward"] = mean(best.values())
     if parts.reference is not None:
         for sample, kl in zip(samples, parts.reference.kl_to_start(samples)):
             sample.kl = kl
@@ -237,6 +236,21 @@ def evaluate(parts: Components) -> tuple[dict, list[Sample]]:
         openings = Counter(parts.opening(s) for s in samples)
         metrics["eval/top_opening_share"] = openings.most_common(1)[0][1] / len(samples)
     return {**metrics, **parts.evaluator.evaluate(samples)}, samples
+
+
+def best_of_n(parts: Components, n: int) -> tuple[dict[str, float], list[Sample]]:
+    """The held-out reward of best-of-n sampling at inference with the starting policy: n fresh samples per
+    held-out prompt (another seed than the evaluation's), the reward picking one. Its KL to the start is at
+    most log n - (n - 1) / n."""
+    samples = parts.policy.generate(parts.eval_prompts, n, seed=parts.eval_seed + 1)
+    score_samples(parts.ranker, samples)
+    best: dict[int, float] = {}
+    for sample in samples:
+        best[sample.prompt_index] = max(best.get(sample.prompt_index, -math.inf), sample.reward)
+    for sample in samples:
+        sample.selected = sample.reward == best[sample.prompt_index]
+    return {"eval/best_of_n": n, "eval/best_of_n_reward": mean(best.values()),
+            "eval/best_of_n_kl_bound": math.log(n) - (n - 1) / n}, samples
 
 
 def draw_prompts(pool: list[str], count: int, seed: int, iteration: int) -> list[str]:

@@ -226,11 +226,16 @@ def test_every_text_run_records_the_collapse_metrics(tiny_model_dir, prompt_file
                               + ["kl.beta=0.05", "selection.diversity.max_similarity=0.6"]))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
-        for key in ["eval/kl_to_start", "eval/distinct_2", "eval/top_opening_share", "eval/perplexity",
-                    "eval/best_of_n_reward"]:
+        for key in ["eval/kl_to_start", "eval/distinct_2", "eval/top_opening_share", "eval/perplexity"]:
             assert isinstance(row[key], float), key
     assert rows[0]["eval/kl_to_start"] == pytest.approx(0.0, abs=1e-5)
-    assert rows[0]["eval/best_of_n_reward"] >= rows[0]["eval/reward_mean"]
+    assert rows[0]["eval/best_of_n"] == 4 and isinstance(rows[0]["eval/best_of_n_reward"], float)
+    best = {}
+    candidates = (run_dir / "iterations/iter-0000/best_of_n_samples.jsonl").read_text().splitlines()
+    for record in map(json.loads, candidates):
+        best[record["prompt"]] = max(best.get(record["prompt"], -1), record["reward"])
+    assert len(candidates) == 4 * len(best) == 4 * 4  # 4 held-out prompts x n
+    assert rows[0]["eval/best_of_n_reward"] == pytest.approx(sum(best.values()) / len(best))
     assert rows[1]["kl/beta"] == 0.05 and isinstance(rows[2]["kl/policy_mean"], float)
     records = [json.loads(line) for line in (run_dir / "iterations/iter-0002/samples.jsonl").read_text().splitlines()]
     assert all(r["score"] == pytest.approx(r["reward"] - 0.05 * r["kl"]) for r in records)

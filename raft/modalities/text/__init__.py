@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from raft.interface import Components, Modality
@@ -31,8 +32,11 @@ class TextModality(Modality):
         replay_texts = load_replay_texts(replay.texts, replay.field, config.data) if replay.share > 0 else []
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
         finetuner_class = RrhfFineTuner if config.finetune.objective == "rrhf" else TextFineTuner
-        reference = TextReference(policy, starting_model_loader(config.model),
-                                  config.generation.temperature, config.finetune.max_seq_length,
+        eval_generation = config.generation
+        if config.eval.temperature is not None:
+            eval_generation = dataclasses.replace(config.generation, temperature=config.eval.temperature)
+        reference = TextReference(policy, starting_model_loader(config.model), config.generation.temperature,
+                                  config.finetune.max_seq_length, eval_temperature=eval_generation.temperature,
                                   starts_at_start=checkpoint is None)
         diversity = config.selection.diversity
         features = FEATURES["ngram" if diversity.features == "auto" else diversity.features]
@@ -40,7 +44,7 @@ class TextModality(Modality):
             prompts=data.prompts,
             eval_prompts=data.eval_prompts,
             generator=build_generator(config, external, policy),
-            policy=TextSampler(policy, config.generation),  # evaluation: the policy, without magic prompts
+            policy=TextSampler(policy, eval_generation),  # evaluation: the policy as deployed, no magic prompts
             ranker=build_ranker(config.rankers, policy.device),
             finetuner=finetuner_class(policy, config.finetune, checkpoint, replay_texts=replay_texts),
             evaluator=TextEvaluator(policy, data.reference_texts, config.eval.batch_size, config.eval.max_tokens),
@@ -49,5 +53,6 @@ class TextModality(Modality):
             features=features,
             opening=lambda sample: opening_of(sample.output, diversity.opening_words),
             eval_samples_per_prompt=config.eval.samples_per_prompt,
+            eval_best_of_n=config.eval.best_of_n,
             eval_seed=config.eval.seed,
         )

@@ -187,6 +187,12 @@ class TextFinetuneConfig:
 class TextEvalConfig:
     samples_per_prompt: int = option(2, "Policy samples per held-out prompt for the held-out reward.")
     seed: int = option(1234, "Sampling seed of the evaluation, the same every iteration so iterations compare paired.")
+    temperature: float | None = option(
+        None, "Sampling temperature of the held-out evaluation, i.e. of the policy as deployed (null: "
+        "generation.temperature). Training candidates may be drawn hotter than the policy is used.")
+    best_of_n: int = option(
+        4, "Before training, also measure what best-of-n sampling at inference reaches on the held-out prompts (n "
+        "samples per prompt, the reward picking one; eval/best_of_n_reward): the bar training should clear. 0: off.")
     batch_size: int = option(16, "Texts per forward pass for perplexity.")
     max_tokens: int = option(128, "Tokens per reference text for perplexity.")
 
@@ -248,6 +254,8 @@ class TextRaftConfig(RaftConfig):
         _check(self.data.eval_size >= 1, "data.eval_size", "must be >= 1")
         _check("{prompt}" in self.data.prompt_template, "data.prompt_template", "must contain {prompt}")
         _check(self.eval.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
+        _check(self.eval.temperature is None or self.eval.temperature >= 0, "eval.temperature", "must be >= 0 or null")
+        _check(self.eval.best_of_n == 0 or self.eval.best_of_n >= 2, "eval.best_of_n", "must be 0 (off) or >= 2")
         d = self.discard
         _check(d.max_repeated_ngram_fraction is None or 0 <= d.max_repeated_ngram_fraction <= 1,
                "discard.max_repeated_ngram_fraction", "must be in [0, 1]")

@@ -24,12 +24,16 @@ def response_ids(policy: TextPolicy, sample: Sample) -> list[int]:
 
 class TextReference(ReferenceModel):
     def __init__(self, policy: TextPolicy, load_start: callable, temperature: float, max_length: int,
-                 batch_size: int = 16, starts_at_start: bool = True):
+                 batch_size: int = 16, starts_at_start: bool = True, eval_temperature: float | None = None):
         """`load_start()` returns the starting model; it is only called under full fine-tuning.
         `starts_at_start`: the policy holds the starting weights now (False when resumed from a checkpoint)."""
         self.policy, self.max_length, self.batch_size = policy, max_length, batch_size
         self._starts_at_start, self._start_fingerprint = starts_at_start, None
+        # each sample is judged at the temperature it was drawn at: training candidates at generation.temperature,
+        # held-out samples at eval.temperature
         self.temperature = temperature if temperature > 0 else 1.0
+        eval_temperature = temperature if eval_temperature is None else eval_temperature
+        self.eval_temperature = eval_temperature if eval_temperature > 0 else 1.0
         self.adapter = hasattr(policy.model, "disable_adapter")  # a peft model
         self.frozen = None
         self._load_start = load_start
@@ -42,8 +46,10 @@ class TextReference(ReferenceModel):
         return self.frozen
 
     @torch.no_grad()
-    def measure(self, samples: list[Sample]) -> tuple[list[float], list[float]]:
-        """(log-ratio of the sampled tokens, exact KL) per sample, each summed over the response."""
+    def measure(self, samples: list[Sample], temperature: float | None = None) -> tuple[list[float], list[float]]:
+        """(log-ratio of the sampled tokens, exact KL) per sample, each summed over the response, at `temperature`
+        (default: the training samples' one)."""
+        temperature = temperature or self.temperature
         if not samples:
             return [], []
         if self._unchanged():  # nothing trained yet: both are 0, no forward pass needed
@@ -58,12 +64,12 @@ class TextReference(ReferenceModel):
         for batch in self._batches(list(by_prompt.values())):
             prompts = [policy.encode_prompt(samples[group[0]].prompt) for group in batch]
             responses = [[response_ids(policy, samples[i])[: self.max_length - 1] for i in group] for group in batch]
-            mine = self._response_logprobs(policy.model, prompts, responses)
+            mine = self._response_logprobs(policy.model, prompts, responses, temperature)
             if self.adapter:
                 with policy.model.disable_adapter():
-                    theirs = self._response_logprobs(policy.model, prompts, responses)
+                    theirs = self._response_logprobs(policy.model, prompts, responses, temperature)
             else:
-                theirs = self._response_logprobs(self._frozen_model(), prompts, responses)
+                theirs = self._response_logprobs(self._frozen_model(), prompts, responses, temperature)
             flat = [r for group in responses for r in group]
             targets = torch.tensor([r + [0] * (mine.shape[1] - len(r)) for r in flat], device=mine.device)
             mask = torch.tensor([[1.0] * len(r) + [0.0] * (mine.shape[1] - len(r)) for r in flat], device=mine.device)
@@ -85,7 +91,8 @@ class TextReference(ReferenceModel):
             current.append(group)
         return batches + ([current] if current else [])
 
-    def _response_logprobs(self, model, prompts: list[list[int]], responses: list[list[list[int]]]) -> torch.Tensor:
+    def _response_logprobs(self, model, prompts: list[list[int]], responses: list[list[list[int]]],
+                           temperature: float) -> torch.Tensor:
         """Log-probabilities at the sampling temperature of every response position, [responses, length, vocab].
 
         Each prompt is encoded once and its key/value cache shared by its responses (K samples per prompt make
@@ -114,7 +121,7 @@ class TextReference(ReferenceModel):
         rest = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask[owner], response_mask], dim=1),
                      position_ids=positions, past_key_values=cache, use_cache=True).logits
         logits = torch.cat([first[owner], rest[:, :-1]], dim=1)  # position t predicts response token t
-        return torch.log_softmax(logits.float() / self.temperature, dim=-1)
+        return torch.log_softmax(logits.float() / temperature, dim=-1)
 
     def _unchanged(self) -> bool:
         """Whether the policy still holds the starting weights (a cheap fingerprint of its trainable ones)."""
@@ -130,7 +137,7 @@ class TextReference(ReferenceModel):
         return self.measure(samples)[0]
 
     def kl_to_start(self, samples: list[Sample]) -> list[float]:
-        return self.measure(samples)[1]
+        return self.measure(samples, self.eval_temperature)[1]
 
 
 def starting_model_loader(model_config) -> callable:
