@@ -91,7 +91,10 @@ def reference_file(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(model_dir: Path, prompts: Path, run_dir: Path, references: Path | None = None) -> list[str]:
-    """A full RAFT run on the tiny model in seconds; the reward is the share of vowels (any reward would do)."""
+    """A full RAFT run on the tiny model in seconds; the reward is the share of vowels (any reward would do).
+
+    Selection is local (best of each prompt) and no best-of-n is measured before training, what the loop's tests
+    count on; the other defaults are the defended ones (tests/test_defences.py checks what they do)."""
     return [
         f"model.name_or_path={model_dir}",
         f"run_dir={run_dir}",
@@ -108,6 +111,9 @@ def tiny_overrides(model_dir: Path, prompts: Path, run_dir: Path, references: Pa
         "eval.samples_per_prompt=2",
         "discard.min_words=0",
         "discard.max_repeated_ngram_fraction=null",
+        "discard.patterns=[]",
+        "selection.strategy=local",
+        "eval.best_of_n=0",
         "rankers.0.kind=callable",
         f"rankers.0.function={REWARDS}:vowel_share",
     ]

@@ -25,6 +25,10 @@ def test_offline_default_in_small_form(tmp_path):
     assert len(samples) == 16
     assert all(s["prompt"].startswith("Continue this movie review: ") for s in samples)
     assert all(-1 <= s["reward"] <= 1 for s in samples)  # VADER compound
+    # each prompt keeps its best sample, unless every candidate was discarded or passed over for diversity
+    # (each with its reason on record)
     assert sum(s["selected"] for s in samples) == 4 - sum(
-        all(t["discard_reason"] for t in samples if t["prompt_index"] == p) for p in range(4))
+        all(t["discard_reason"] or t.get("not_kept") for t in samples if t["prompt_index"] == p) for p in range(4))
+    assert metrics[0]["eval/best_of_n"] == 4 and metrics[0]["eval/kl_to_start"] == 0
+    assert metrics[1]["kl/beta"] > 0 and "train/replay_loss" in metrics[1]
     assert any(len(s["output"].split()) >= 3 for s in samples)  # real words from a real model

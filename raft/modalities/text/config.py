@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
-from raft.config import GeneratorConfig, RaftConfig, _check, check_generators, option
+from raft.config import (DiversityConfig, GeneratorConfig, KLConfig, RaftConfig, SelectionConfig, _check,
+                         check_generators, option)
 
 
 @dataclass
@@ -54,7 +55,9 @@ class TextDataConfig:
 
 @dataclass
 class TextGenerationConfig:
-    temperature: float = option(0.7, "Sampling temperature (0: greedy). LMFlow used 0.7 for IMDB, 0.85 for HH.")
+    temperature: float = option(
+        1.0, "Sampling temperature of the training candidates (0: greedy). 1.0 samples the policy as it is: "
+        "fine-tuning on samples drawn colder sharpens it every iteration (a collapse seen at LMFlow's 0.7).")
     top_p: float = option(1.0, "Nucleus sampling mass (1.0: off).")
     top_k: int = option(0, "Top-k sampling (0: off).")
     max_new_tokens: int = option(40, "Tokens generated per sample, unless max_new_tokens_range is set.")
@@ -125,11 +128,25 @@ class TextRankerConfig:
     trust_remote_code: bool = option(False, "kind classifier: run model code shipped with the checkpoint.")
 
 
+# replies to the review's author rather than continuations of the review: what VADER rewards most and RAFT at first
+# converged on ("I'm glad you're enjoying the movie. It's a great movie...")
+NOT_A_CONTINUATION = (
+    r"(?i)^\W*(i'?m|i am|i'?d|i would|i'?ll|i will|we'?re|we are)\s+(so\s+|really\s+|very\s+|truly\s+)?"
+    r"(glad|happy|excited|thrilled|delighted|pleased|honou?red|eager|grateful)\b",
+    r"(?i)^\W*(i'?d|i would|i'?ll|i will)\s+(love|like|be (happy|glad|delighted))\s+to\b",
+    r"(?i)^\W*(sounds (good|great)|thank you|thanks|great question|of course|you're welcome|let me|allow me)\b",
+)
+
+
 @dataclass
 class TextDiscardConfig:
     min_words: int = option(3, "Discard responses with fewer words (0: off).")
     max_words: int | None = option(None, "Discard responses with more words (null: off).")
-    patterns: list[str] = option([], "Regular expressions; a response matching any is discarded (e.g. '#' for LMFlow's hack).")
+    patterns: list[str] = option(
+        list(NOT_A_CONTINUATION),
+        "Regular expressions (Python, searched in the response); a response matching any is discarded (e.g. '#' for "
+        "LMFlow's hack). The default ones belong to the default task, continuing a review: they discard replies that "
+        "answer its author instead ('I'm glad you enjoyed...', 'Sounds good', 'Thank you'). [] for other tasks.")
     max_repeated_ngram_fraction: float | None = option(
         0.25, "Discard responses in which more than this share of word 3-grams are repeats (null: off).")
 
@@ -146,7 +163,7 @@ class LoraConfig:
 @dataclass
 class ReplayConfig:
     share: float = option(
-        0.0, "Reference replay (InstructGPT's 'ptx' term): reference texts added to each optimizer step, as a share "
+        0.5, "Reference replay (InstructGPT's 'ptx' term): reference texts added to each optimizer step, as a share "
         "of the step's kept examples (0.5: one text per two kept samples), trained with the plain LM loss. 0: off.")
     weight: float = option(1.0, "Weight of the replayed texts' LM loss (mean over their tokens) beside the kept samples' loss.")
     texts: str = option(
@@ -167,7 +184,7 @@ class TextFinetuneConfig:
     rrhf_weight: float = option(1.0, "objective rrhf: weight of the ranking loss beside the supervised loss on the best.")
     length_penalty: float = option(
         1.0, "objective rrhf: a candidate's score is its summed log-probability / (response tokens ** length_penalty).")
-    learning_rate: float = option(2e-5, "AdamW learning rate, constant (LMFlow: 2e-5; 2e-4 for gpt2 on IMDB).")
+    learning_rate: float = option(5e-5, "AdamW learning rate, constant (LMFlow: 2e-5; 2e-4 for gpt2 on IMDB).")
     epochs: int = option(2, "Passes over the kept set per iteration (LMFlow: 4).")
     batch_size: int = option(
         8, "Examples per optimizer step (split into micro-batches by gradient_accumulation_steps); objective "
@@ -188,13 +205,50 @@ class TextEvalConfig:
     samples_per_prompt: int = option(2, "Policy samples per held-out prompt for the held-out reward.")
     seed: int = option(1234, "Sampling seed of the evaluation, the same every iteration so iterations compare paired.")
     temperature: float | None = option(
-        None, "Sampling temperature of the held-out evaluation, i.e. of the policy as deployed (null: "
+        0.7, "Sampling temperature of the held-out evaluation, i.e. of the policy as deployed (null: "
         "generation.temperature). Training candidates may be drawn hotter than the policy is used.")
     best_of_n: int = option(
         4, "Before training, also measure what best-of-n sampling at inference reaches on the held-out prompts (n "
         "samples per prompt, the reward picking one; eval/best_of_n_reward): the bar training should clear. 0: off.")
     batch_size: int = option(16, "Texts per forward pass for perplexity.")
     max_tokens: int = option(128, "Tokens per reference text for perplexity.")
+
+
+@dataclass
+class TextKLConfig(KLConfig):
+    beta: float = option(
+        0.1,
+        "Weight of KL_i in the ranking score reward - beta * KL_i, where KL_i = log pi(y|x) - log pi_0(y|x) is "
+        "the sample's log-ratio between the current policy and the starting one, summed over the response "
+        "(the start value when adaptive). 0: rank by reward alone.",
+    )
+
+
+@dataclass
+class TextDiversityConfig(DiversityConfig):
+    max_similarity: float | None = option(
+        0.5,
+        "Skip a candidate whose similarity to a sample already kept this iteration (any prompt) is above this, "
+        "and keep the next-best distinct one instead; similarity is the cosine of `features` (ngram: 1 for the "
+        "same words in the same order, 0 for no word in common). null: off.",
+    )
+    max_opening_share: float | None = option(
+        0.05,
+        "At most this share of the iteration's kept samples may open with the same `opening_words` words "
+        "(lower-cased); further ones are skipped for the next-best candidate (at least one is always allowed). "
+        "null: off.",
+    )
+
+
+@dataclass
+class TextSelectionConfig(SelectionConfig):
+    strategy: Literal["local", "global", "threshold", "all"] = option(
+        "local",
+        "local: best `keep_per_prompt` of the K samples of each prompt; global: best `top_fraction` "
+        "of all samples of the iteration, across prompts (the RAFT paper's); threshold: every sample with reward >= "
+        "`min_reward`; all: every sample not discarded (for fine-tuners that rank candidates, e.g. RRHF).",
+    )
+    diversity: TextDiversityConfig = option(TextDiversityConfig(), "Diversity-aware selection.")
 
 
 @dataclass
@@ -214,6 +268,8 @@ class TextRaftConfig(RaftConfig):
     discard: TextDiscardConfig = option(TextDiscardConfig(), "Rules that discard samples before selection.")
     finetune: TextFinetuneConfig = option(TextFinetuneConfig(), "Supervised fine-tuning on the kept set.")
     eval: TextEvalConfig = option(TextEvalConfig(), "Held-out evaluation.")
+    selection: TextSelectionConfig = option(TextSelectionConfig(), "Selection of the kept set.")
+    kl: TextKLConfig = option(TextKLConfig(), "KL-regularized ranking against the starting model.")
 
     reference_logprobs: ClassVar[bool] = True
     diversity_features: ClassVar[tuple[str, ...]] = ("ngram", "embedding")
@@ -249,7 +305,9 @@ class TextRaftConfig(RaftConfig):
                "finetune.gradient_accumulation_steps", "must be >= 1 and divide finetune.batch_size")
         _check(f.lora.r >= 1, "finetune.lora.r", "must be >= 1")
         _check(f.rrhf_weight >= 0, "finetune.rrhf_weight", "must be >= 0")
-        _check(f.objective != "rrhf" or self.selection.strategy != "local" or self.selection.keep_per_prompt > 1,
+        several = self.selection.strategy in ("all", "threshold") or (
+            self.selection.strategy == "local" and self.selection.keep_per_prompt > 1)
+        _check(f.objective != "rrhf" or several,
                "finetune.objective", "rrhf ranks several candidates per prompt; set selection.strategy=all")
         _check(self.data.eval_size >= 1, "data.eval_size", "must be >= 1")
         _check("{prompt}" in self.data.prompt_template, "data.prompt_template", "must contain {prompt}")
