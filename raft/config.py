@@ -54,7 +54,9 @@ class DiversityConfig:
         "Text: at most this share of the iteration's kept samples may open with the same `opening_words` words "
         "(lower-cased); further ones are skipped for the next-best candidate. null: off.",
     )
-    opening_words: int = option(4, "Words that make a text sample's opening (for max_opening_share and its metric).")
+    opening_words: int = option(
+        4, "Words that make a text sample's opening for max_opening_share (the eval/top_opening_share metric always "
+        "counts 4).")
 
 
 @dataclass

@@ -110,8 +110,9 @@ class Components:
     reference: ReferenceModel | None = None  # None: the modality cannot compute KL to the start
     # L2-normalised feature rows of samples, for diversity-aware selection (cosine = dot product); None: none
     features: Callable[[list[Sample]], Any] | None = None
-    # a text sample's opening (its first words, normalised), for the opening cap; None: samples have no opening
-    opening: Callable[[Sample], str] | None = None
+    # a text sample's opening (its first `words` words, normalised), for the opening cap and its metric; None:
+    # samples have no opening
+    opening: Callable[[Sample, int], str] | None = None
     eval_samples_per_prompt: int = 1
     eval_best_of_n: int = 0  # before training, measure best-of-n sampling at inference on the held-out prompts
     eval_seed: int = 0

@@ -26,6 +26,7 @@ from raft.rundir import RunDirectory, to_jsonl
 from raft.selection import apply_discard_rules, select
 
 STAGES = ("generate", "rank", "select", "finetune", "evaluate")
+OPENING_WORDS = 4  # eval/top_opening_share: the share of held-out samples opening with the most common 4 words
 
 
 def run(config: RaftConfig, resume: bool = False) -> Path:
@@ -51,7 +52,8 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
         kl_metrics = regularize(samples, parts, beta, policy_name=parts.policy.name)
 
         stage("select")
-        selected = select(samples, config.selection, parts.features, parts.opening)
+        opening = (lambda s: parts.opening(s, config.selection.diversity.opening_words)) if parts.opening else None
+        selected = select(samples, config.selection, parts.features, opening)
 
         train_metrics = parts.finetuner.finetune(selected, seed=stage("finetune")) if selected else {}
 
@@ -233,7 +235,7 @@ def evaluate(parts: Components) -> tuple[dict, list[Sample]]:
             sample.kl = kl
         metrics["eval/kl_to_start"] = mean(s.kl for s in samples)
     if parts.opening is not None and samples:
-        openings = Counter(parts.opening(s) for s in samples)
+        openings = Counter(parts.opening(s, OPENING_WORDS) for s in samples)
         metrics["eval/top_opening_share"] = openings.most_common(1)[0][1] / len(samples)
     return {**metrics, **parts.evaluator.evaluate(samples)}, samples
 

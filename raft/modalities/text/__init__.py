@@ -51,7 +51,7 @@ class TextModality(Modality):
             discard_rules=discard_rules,
             reference=reference,
             features=features,
-            opening=lambda sample: opening_of(sample.output, diversity.opening_words),
+            opening=lambda sample, words: opening_of(sample.output, words),
             eval_samples_per_prompt=config.eval.samples_per_prompt,
             eval_best_of_n=config.eval.best_of_n,
             eval_seed=config.eval.seed,

@@ -60,7 +60,7 @@ class TextGenerationConfig:
         "fine-tuning on samples drawn colder sharpens it every iteration (a collapse seen at LMFlow's 0.7).")
     top_p: float = option(1.0, "Nucleus sampling mass (1.0: off).")
     top_k: int = option(0, "Top-k sampling (0: off).")
-    max_new_tokens: int = option(40, "Tokens generated per sample, unless max_new_tokens_range is set.")
+    max_new_tokens: int = option(32, "Tokens generated per sample, unless max_new_tokens_range is set.")
     max_new_tokens_range: list[int] | None = option(
         None, "[low, high): draw each prompt's max_new_tokens uniformly from this range (LMFlow IMDB: [16, 48)).")
     batch_size: int = option(64, "Sequences sampled per forward batch (prompts x samples per prompt).")
@@ -131,7 +131,7 @@ class TextRankerConfig:
 # replies to the review's author rather than continuations of the review: what VADER rewards most and RAFT at first
 # converged on ("I'm glad you're enjoying the movie. It's a great movie...")
 NOT_A_CONTINUATION = (
-    r"(?i)^\W*(i'?m|i am|i'?d|i would|i'?ll|i will|we'?re|we are)\s+(so\s+|really\s+|very\s+|truly\s+)?"
+    r"(?i)^\W*(i'?m|i am|i'?d|i would|i'?ll|i will|we'?re|we are)\s+(so\s+|really\s+|very\s+|truly\s+|always\s+)?"
     r"(glad|happy|excited|thrilled|delighted|pleased|honou?red|eager|grateful)\b",
     r"(?i)^\W*(i'?d|i would|i'?ll|i will)\s+(love|like|be (happy|glad|delighted))\s+to\b",
     r"(?i)^\W*(sounds (good|great)|thank you|thanks|great question|of course|you're welcome|let me|allow me)\b",
@@ -217,7 +217,7 @@ class TextEvalConfig:
 @dataclass
 class TextKLConfig(KLConfig):
     beta: float = option(
-        0.1,
+        0.05,
         "Weight of KL_i in the ranking score reward - beta * KL_i, where KL_i = log pi(y|x) - log pi_0(y|x) is "
         "the sample's log-ratio between the current policy and the starting one, summed over the response "
         "(the start value when adaptive). 0: rank by reward alone.",
@@ -238,6 +238,9 @@ class TextDiversityConfig(DiversityConfig):
         "(lower-cased); further ones are skipped for the next-best candidate (at least one is always allowed). "
         "null: off.",
     )
+    opening_words: int = option(
+        3, "Words that make a sample's opening for max_opening_share (3: 'I'm always happy' and 'I'm always glad' "
+        "count as one opening).")
 
 
 @dataclass
