@@ -135,6 +135,8 @@ NOT_A_CONTINUATION = (
     r"(glad|happy|excited|thrilled|delighted|pleased|honou?red|eager|grateful)\b",
     r"(?i)^\W*(i'?d|i would|i'?ll|i will)\s+(love|like|be (happy|glad|delighted))\s+to\b",
     r"(?i)^\W*(sounds (good|great)|thank you|thanks|great question|of course|you're welcome|let me|allow me)\b",
+    r"(?i)\b(happy|glad|pleasure|here|delighted) to (help|assist)\b|\b(help|assist)(ing)? you\b|"
+    r"\byou('re| are) (looking|enjoying)\b|\byou (enjoyed|liked|loved)\b|\bglad you\b|^\W*(hey|hi|hello|dear)\b",
 )
 
 
@@ -217,7 +219,7 @@ class TextEvalConfig:
 @dataclass
 class TextKLConfig(KLConfig):
     beta: float = option(
-        0.05,
+        0.1,
         "Weight of KL_i in the ranking score reward - beta * KL_i, where KL_i = log pi(y|x) - log pi_0(y|x) is "
         "the sample's log-ratio between the current policy and the starting one, summed over the response "
         "(the start value when adaptive). 0: rank by reward alone.",
