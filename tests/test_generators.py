@@ -229,8 +229,13 @@ def test_a_run_on_pre_generated_samples_alone_fine_tunes_the_policy(tiny_model_d
     answers = ["bad bad bad", "an awful plot", "a wonderful, beautiful movie", "terrible"]
     rows = [{"prompt": p, "response": a, "source": "teacher-v1"} for p in prompts for a in answers]
     samples_file = write_samples(tmp_path / "teacher.jsonl", rows)
+    # every prompt has the same 4 answers: diversity-aware selection would (rightly) keep the best one only once, and
+    # KL-regularized ranking would (rightly) pass over the answer the policy learned in iteration 1; this test is
+    # about where samples come from, so both are off
     overrides = tiny_overrides(tiny_model_dir, samples_file, tmp_path / "run") + [
-        "samples_per_prompt=4", "generators=[{kind: file, path: '" + str(samples_file) + "', name: teacher}]"]
+        "samples_per_prompt=4", "generators=[{kind: file, path: '" + str(samples_file) + "', name: teacher}]",
+        "selection.diversity.max_similarity=null", "selection.diversity.max_opening_share=null",
+        "kl.beta=0"]
     config = raft.load_config("text", overrides=overrides)
     assert config.data.prompts == str(samples_file)  # the prompt pool comes from the same file, once each
     run_dir = raft.run(config)
