@@ -29,6 +29,7 @@ import yaml
 
 from raft.config import GUARD_BOUNDS, _merge, to_dict
 from raft.errors import RaftError
+from raft.loop import OPENING_WORDS
 from raft.metrics import train_seconds
 from raft.rundir import RunDirectory, iteration_name
 
@@ -123,7 +124,7 @@ def run_method(shared: dict, method: str, seed: int, runs: Path) -> dict:
               "rows": RunDirectory(runs / name).metrics()}
     if method == "best_of_k" and result["rows"]:
         # best-of-K's own row has no opening share; measured here the loop's way, from the chosen answers
-        result["top_opening_share"] = top_opening_share(runs / name, data["selection"]["diversity"]["opening_words"])
+        result["top_opening_share"] = top_opening_share(runs / name, OPENING_WORDS)
     status = "done" if result["returncode"] == 0 else f"FAILED (exit {result['returncode']})"
     print(f"compare: {LABELS[method]}, seed {seed} {status} in {result['wall_seconds']:.0f} s, peak RSS "
           f"{result['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
@@ -517,7 +518,7 @@ def markdown_report(results: dict, shared: dict, command_line: str, budget_sampl
         "",
         "Δ, distinct-2 / start's and perplexity vs start compare each run with the starting policy of its own seed. "
         "Top opening share: the share of held-out replies opening with the most common "
-        f"{shared['selection']['diversity']['opening_words']} words. Training wall-clock: generation, ranking, "
+        f"{OPENING_WORDS} words. Training wall-clock: generation, ranking, "
         "selection and the update, summed over iterations (evaluation excluded). KL to start: the last "
         "iteration's eval/kl_to_start, exact over the vocabulary at each position of the policy's held-out "
         "samples, at the sampling temperature, summed over the response. Best-of-K's KL is the analytic bound "
