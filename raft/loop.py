@@ -19,7 +19,7 @@ import numpy as np
 
 from raft.config import GUARD_BOUNDS, RaftConfig, dump_yaml
 from raft.interface import Components, Sample
-from raft.metrics import mean, plot_metrics, standard_error, train_seconds
+from raft.metrics import best_of_k_kl_bound, mean, plot_metrics, standard_error, train_seconds
 from raft.modalities import get_modality
 from raft.rankers import score_samples
 from raft.rundir import RunDirectory, to_jsonl
@@ -252,7 +252,7 @@ def best_of_n(parts: Components, n: int) -> tuple[dict[str, float], list[Sample]
     for sample in samples:
         sample.selected = sample.reward == best[sample.prompt_index]
     return {"eval/best_of_n": n, "eval/best_of_n_reward": mean(best.values()),
-            "eval/best_of_n_kl_bound": math.log(n) - (n - 1) / n}, samples
+            "eval/best_of_n_kl_bound": best_of_k_kl_bound(n)}, samples
 
 
 def draw_prompts(pool: list[str], count: int, seed: int, iteration: int) -> list[str]:

@@ -30,6 +30,11 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(unique) / total if total else 0.0
 
 
+def best_of_k_kl_bound(k: int) -> float:
+    """Upper bound on KL(best-of-K || policy) for one response: log K - (K - 1) / K."""
+    return math.log(k) - (k - 1) / k
+
+
 def train_seconds(rows: list[dict]) -> float:
     """Wall-clock spent on training in these metrics rows: every timed stage but the evaluation."""
     return sum(v for row in rows for k, v in row.items()

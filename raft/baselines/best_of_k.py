@@ -10,22 +10,19 @@ iterations/iter-0000/samples.jsonl (every candidate) and eval_samples.jsonl (the
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 from raft.config import dump_yaml
 from raft.loop import open_run_directory, write_samples
-from raft.metrics import mean, standard_error
+from raft.metrics import best_of_k_kl_bound, mean, standard_error
 from raft.modalities.text import TextModality
 from raft.modalities.text.config import TextRaftConfig
 from raft.rankers import score_samples
 from raft.selection import apply_discard_rules
 
 
-def kl_bound(k: int) -> float:
-    """Upper bound on KL(best-of-K || policy) for one response."""
-    return math.log(k) - (k - 1) / k
+kl_bound = best_of_k_kl_bound  # the same bound the loop records for eval.best_of_n
 
 
 def run_best_of_k(config: TextRaftConfig) -> Path:
