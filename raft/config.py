@@ -442,17 +442,18 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"config: '{'.'.join(parts[:depth])}' has no sub-keys (override '{dotted}')")
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One help line per leaf field: `name (type, default X): help`."""
+def describe(cls: type, prefix: str = "", instance: Any = None) -> list[str]:
+    """One help line per leaf field: `name (type, default X): help`. Defaults are read from `instance` (default
+    cls()), so a section whose parent sets other defaults (the text default's model section) shows those."""
     lines = []
     hints = typing.get_type_hints(cls)
-    instance = cls()
+    instance = cls() if instance is None else instance
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         value = getattr(instance, f.name)
         if dataclasses.is_dataclass(hint):
             lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
-            lines += describe(hint, f"{prefix}{f.name}.")
+            lines += describe(hint, f"{prefix}{f.name}.", value)
             continue
         inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
         shown = yaml.safe_dump(to_dict(value), default_flow_style=True, width=10_000).strip().removesuffix("...").strip()

@@ -100,6 +100,7 @@ def tiny_overrides(model_dir: Path, prompts: Path, run_dir: Path, references: Pa
         f"run_dir={run_dir}",
         f"data.prompts={prompts}",
         "data.prompt_template={prompt}",
+        "model.chat_template=true",  # the tiny tokenizer's ChatML template, so the chat path is what the tests run
         "data.eval_size=4",
         f"data.reference_texts={references if references else 'null'}",
         "iterations=2",

@@ -23,7 +23,8 @@ def test_offline_default_in_small_form(tmp_path):
     assert 1 < metrics[1]["eval/perplexity"] < 1000  # a real language model, not random weights
     samples = [json.loads(line) for line in (run_dir / "iterations/iter-0001/samples.jsonl").read_text().splitlines()]
     assert len(samples) == 16
-    assert all(s["prompt"].startswith("Continue this movie review: ") for s in samples)
+    # the task is the review's text continued (no instruction, no chat template): prompts are 8-word openings
+    assert all(len(s["prompt"].split()) == 8 and not s["prompt"].startswith("Continue") for s in samples)
     assert all(-1 <= s["reward"] <= 1 for s in samples)  # VADER compound
     # each prompt keeps its best sample, unless every candidate was discarded or passed over for diversity
     # (each with its reason on record)

@@ -1,5 +1,5 @@
 """Config of the text modality. The defaults are the offline default run: SmolLM2-135M-Instruct learns to
-continue IMDB review openings positively, rewarded by the VADER sentiment lexicon, in ~15 min on 2 cores."""
+continue IMDB review openings positively, rewarded by the VADER sentiment lexicon, in ~10 min on 2 cores."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ class TextModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "Weights dtype for sampling and training.")
     device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
     trust_remote_code: bool = option(False, "Run model code shipped with the checkpoint. Off: only transformers' own code runs.")
-    chat_template: bool = option(True, "Wrap prompts in the tokenizer's chat template when it has one (raw text otherwise).")
+    chat_template: bool = option(
+        True, "Wrap prompts in the tokenizer's chat template when it has one (raw text otherwise). The offline "
+        "default sets false: its task is to continue a review's text, as a language model (LMFlow's IMDB task); "
+        "chat tasks (instructions, the companion) set true.")
     system_prompt: str | None = option(None, "System message for every prompt, in sampling and training (null: the template's default).")
 
 
@@ -36,9 +39,10 @@ class TextDataConfig:
     )
     prompt_field: str = option("prompt", "Column holding the prompt in .jsonl/.json/.csv/.parquet files.")
     prompt_template: str = option(
-        "Continue this movie review: {prompt}",
-        "Turns each prompt into the user message; `{prompt}` is replaced by the prompt. Part of the task: "
-        "used in sampling and training alike.",
+        "{prompt}",
+        "Turns each prompt into the text the model is given (the user message under a chat template); `{prompt}` "
+        "is replaced by the prompt, e.g. 'Continue this movie review: {prompt}' for a chat model. Part of the "
+        "task: used in sampling and training alike.",
     )
     opening_words: int = option(8, "For prompts: imdb, the number of words of each review used as its opening.")
     eval_prompts: str | None = option(
@@ -128,27 +132,13 @@ class TextRankerConfig:
     trust_remote_code: bool = option(False, "kind classifier: run model code shipped with the checkpoint.")
 
 
-# replies to the review's author rather than continuations of the review: what VADER rewards most and RAFT at first
-# converged on ("I'm glad you're enjoying the movie. It's a great movie...")
-NOT_A_CONTINUATION = (
-    r"(?i)^\W*(i'?m|i am|i'?d|i would|i'?ll|i will|we'?re|we are)\s+(so\s+|really\s+|very\s+|truly\s+|always\s+)?"
-    r"(glad|happy|excited|thrilled|delighted|pleased|honou?red|eager|grateful)\b",
-    r"(?i)^\W*(i'?d|i would|i'?ll|i will)\s+(love|like|be (happy|glad|delighted))\s+to\b",
-    r"(?i)^\W*(sounds (good|great)|thank you|thanks|great question|of course|you're welcome|let me|allow me)\b",
-    r"(?i)\b(happy|glad|pleasure|here|delighted) to (help|assist)\b|\b(help|assist)(ing)? you\b|"
-    r"\byou('re| are) (looking|enjoying)\b|\byou (enjoyed|liked|loved)\b|\bglad you\b|^\W*(hey|hi|hello|dear)\b",
-)
-
-
 @dataclass
 class TextDiscardConfig:
     min_words: int = option(3, "Discard responses with fewer words (0: off).")
     max_words: int | None = option(None, "Discard responses with more words (null: off).")
     patterns: list[str] = option(
-        list(NOT_A_CONTINUATION),
-        "Regular expressions (Python, searched in the response); a response matching any is discarded (e.g. '#' for "
-        "LMFlow's hack). The default ones belong to the default task, continuing a review: they discard replies that "
-        "answer its author instead ('I'm glad you enjoyed...', 'Sounds good', 'Thank you'). [] for other tasks.")
+        [], "Regular expressions (Python, searched in the response); a response matching any is discarded (e.g. '#' "
+        "for LMFlow's hack).")
     max_repeated_ngram_fraction: float | None = option(
         0.25, "Discard responses in which more than this share of word 3-grams are repeats (null: off).")
 
@@ -261,7 +251,9 @@ class TextRaftConfig(RaftConfig):
     iterations: int = option(4, "RAFT iterations (generate -> rank -> select -> fine-tune -> evaluate).")
     prompts_per_iteration: int = option(24, "Prompts drawn per iteration (b in the paper).")
     samples_per_prompt: int = option(8, "Samples generated per prompt (K in the paper).")
-    model: TextModelConfig = option(TextModelConfig(), "The policy model.")
+    # the default task continues review text (LMFlow's IMDB setup): a chat template turns the instruct model into an
+    # assistant answering the review's author, the persona VADER rewards most and RAFT drifted into
+    model: TextModelConfig = option(TextModelConfig(chat_template=False), "The policy model.")
     data: TextDataConfig = option(TextDataConfig(), "Prompts, held-out prompts and reference texts.")
     generation: TextGenerationConfig = option(TextGenerationConfig(), "Sampling settings (of every generator).")
     generators: list[TextGeneratorConfig] = option(
