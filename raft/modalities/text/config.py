@@ -198,6 +198,9 @@ class TextFinetuneConfig:
     carry_optimizer_state: bool = option(
         False, "Keep AdamW moments across iterations (and in checkpoints). Off: a fresh optimizer each iteration.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory during fine-tuning.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "Mixed precision of fine-tuning (accelerate's autocast; the weights stay in model.dtype): bf16 (GPUs that "
+        "have it, and CPUs), fp16 (CUDA, with loss scaling) or no.")
     lora: LoraConfig = option(LoraConfig(), "LoRA adapter settings.")
     replay: ReplayConfig = option(ReplayConfig(), "Reference replay: LM loss on reference texts, to hold perplexity.")
 

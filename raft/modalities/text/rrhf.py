@@ -42,18 +42,20 @@ class RrhfFineTuner(TextFineTuner):
         # ranked by the ranking score: the reward, minus beta * KL under KL-regularized ranking
         return [([self.example(s) for s in group], [s.ranking_score for s in group]) for group in groups.values()]
 
-    def step_loss(self, chunks: list[list]) -> dict[str, float]:
-        """Mean over the step's prompts of each prompt's RRHF loss; a micro-batch holds whole prompts."""
-        config, device = self.config, self.policy.device
-        prompts = sum(len(chunk) for chunk in chunks)
-        totals = {"train/loss": 0.0, "train/rank_loss": 0.0, "train/sft_loss": 0.0}
-        for chunk in chunks:
+    def step_loss(self, chunks: list[list], padding: list | None = None) -> dict[str, float]:
+        """Mean over the step's prompts (of every process) of each prompt's RRHF loss; a micro-batch holds whole
+        prompts."""
+        config, device, trainer = self.config, self.policy.device, self.trainer
+        prompts = max(trainer.reduce({"prompts": float(sum(len(chunk) for chunk in chunks))})["prompts"], 1.0)
+
+        def loss_of(chunk):
             examples = [example for group, _ in chunk for example in group]
             batch = collate(examples, self.policy.tokenizer.pad_token_id, device)
-            logits = self.policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logprobs, mask = label_logprobs(logits, batch["labels"])
             sums, lengths = logprobs.sum(-1), mask.sum(-1).clamp(min=1)
             loss, start = 0.0, 0
+            totals = {"train/loss": 0.0, "train/rank_loss": 0.0, "train/sft_loss": 0.0}
             for group, rewards in chunk:
                 end = start + len(group)
                 total, rank, nll = rrhf_loss(sums[start:end], lengths[start:end],
@@ -62,5 +64,7 @@ class RrhfFineTuner(TextFineTuner):
                 loss, start = loss + total, end
                 for key, value in zip(totals, (total, rank, nll)):
                     totals[key] += value.item() / prompts
-            (loss / prompts).backward()
-        return totals
+            return loss / prompts, totals
+
+        keys = ["train/loss", "train/rank_loss", "train/sft_loss"]
+        return trainer.reduce(trainer.accumulate(chunks, loss_of, padding), keys)
