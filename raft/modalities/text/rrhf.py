@@ -14,22 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from raft.finetune.losses import rrhf_loss  # noqa: F401 (the loss; also imported from here)
 from raft.interface import Sample
 from raft.modalities.text.sft import TextFineTuner, collate, label_logprobs
-
-
-def rrhf_loss(logprob_sums: torch.Tensor, lengths: torch.Tensor, rewards: torch.Tensor, rrhf_weight: float,
-              length_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, ranking loss, NLL of the best) for the candidates of one prompt.
-
-    `logprob_sums[i]` is candidate i's summed response log-probability, `lengths[i]` its response tokens.
-    Ties in reward form no pair; the best is the first candidate with the highest reward."""
-    scores = logprob_sums / lengths.to(logprob_sums.dtype) ** length_penalty
-    worse = rewards[:, None] < rewards[None, :]  # worse[i, j]: candidate i has the lower reward
-    rank = (scores[:, None] - scores[None, :]).clamp(min=0)[worse].sum()
-    best = int(torch.argmax(rewards))  # argmax returns the first maximum
-    nll = -logprob_sums[best] / lengths[best]
-    return rrhf_weight * rank + nll, rank, nll
 
 
 class RrhfFineTuner(TextFineTuner):
