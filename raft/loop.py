@@ -112,6 +112,7 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
     if not stopped:
         on_main(lambda: guard_stopped(config, run_dir))  # says so when the last iteration crossed a bound
     on_main(lambda: summarize(run_dir))
+    distributed.finish()
     return run_dir.path
 
 

@@ -29,7 +29,7 @@ def raft_run(args: list[str], processes: int) -> subprocess.CompletedProcess:
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "raft"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([*launcher, "run", *args], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     return result
 
 
@@ -91,7 +91,7 @@ def test_data_parallel_gradient_is_the_one_process_gradient(tmp_path):
             "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
         result = subprocess.run([*launcher, worker, "2", str(out)], capture_output=True, text=True, env=env,
                                 timeout=300)
-        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
         outputs[processes] = torch.load(out, weights_only=True)
     assert (outputs[3]["processes"], outputs[3]["type"]) == (3, "MULTI_CPU")
     for one, three in zip(outputs[1]["grads"], outputs[3]["grads"]):

@@ -26,3 +26,4 @@ metrics = trainer.reduce(trainer.accumulate([[i] for i in mine], loss_of, paddin
 if distributed.is_main():
     torch.save({"grads": [p.grad for p in model.parameters()], "loss": metrics["loss"],
                 "processes": distributed.world(), "type": distributed.state().distributed_type.value}, out)
+distributed.finish()

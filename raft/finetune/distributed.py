@@ -101,3 +101,11 @@ def barrier() -> None:
 def _collective_device() -> torch.device:
     # NCCL reduces CUDA tensors only; gloo CPU ones
     return state().device if state().device.type == "cuda" else torch.device("cpu")
+
+
+def finish() -> None:
+    """Wait for every process, then close the process group: a clean exit (a process that leaves while a
+    peer still talks to it over gloo can take that peer down)."""
+    if world() > 1:
+        state().wait_for_everyone()
+        state().destroy_process_group()
