@@ -53,8 +53,16 @@ class Trainer:
             raise RaftError("config: finetune.mixed_precision fp16 needs a CUDA device (bf16 runs on CPUs too)")
         distributed.state(cpu=device.type == "cpu")
         # device_placement off: the modality put the model on this process's device (distributed.resolve_device)
-        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=settings.mixed_precision,
-                                       device_placement=False)
+        options = dict(cpu=device.type == "cpu", mixed_precision=settings.mixed_precision, device_placement=False)
+        try:
+            self.accelerator = Accelerator(**options)
+        except ValueError as error:  # accelerate keeps one precision per process; a later run here may want another
+            if "already been initialized" not in str(error):
+                raise
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()  # the process group (PartialState) stays
+            self.accelerator = Accelerator(**options)
         self.parameters = [p for p in module.parameters() if p.requires_grad]
         if not self.parameters:
             raise RaftError("finetune: the model has no trainable parameters")
