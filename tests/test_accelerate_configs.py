@@ -58,3 +58,23 @@ def test_data_parallel_configs_are_accepted(name, gpus):
     args, _ = launch_args(name)
     assert args.multi_gpu == gpus and args.use_cpu == (not gpus)
     assert args.num_processes == (8 if gpus else 2)
+
+
+@pytest.mark.parametrize("kind, stage, refused", [("FSDP", None, True), ("DEEPSPEED", 3, True),
+                                                   ("DEEPSPEED", 2, False), ("MULTI_GPU", None, False)])
+def test_sharded_weights_are_refused_in_one_line(kind, stage, refused):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from raft.errors import RaftError
+    from raft.finetune.trainer import refuse_sharded_weights
+
+    plugin = SimpleNamespace(zero_stage=stage) if stage else None
+    accelerator = SimpleNamespace(distributed_type=DistributedType[kind], state=SimpleNamespace(deepspeed_plugin=plugin))
+    if not refused:
+        refuse_sharded_weights(accelerator)
+        return
+    with pytest.raises(RaftError, match="^finetune: FSDP and DeepSpeed ZeRO-3 shard the weights") as error:
+        refuse_sharded_weights(accelerator)
+    assert "\n" not in str(error.value)

@@ -63,6 +63,7 @@ class Trainer:
 
             AcceleratorState._reset_state()  # the process group (PartialState) stays
             self.accelerator = Accelerator(**options)
+        refuse_sharded_weights(self.accelerator)
         self.parameters = [p for p in module.parameters() if p.requires_grad]
         if not self.parameters:
             raise RaftError("finetune: the model has no trainable parameters")
@@ -142,3 +143,18 @@ class Trainer:
         if self.accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             return None
         return self.accelerator.get_state_dict(self.model)
+
+
+def refuse_sharded_weights(accelerator) -> None:
+    """FSDP and DeepSpeed ZeRO-3 shard the weights over the processes; raft samples, ranks and evaluates with the
+    whole model on each process, each on its own prompts, which sharded weights would deadlock. One line, before
+    anything trains."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3)
+    if sharded:
+        raise RaftError("finetune: FSDP and DeepSpeed ZeRO-3 shard the weights, but raft samples from whole weights on "
+                        "each process (not supported yet); launch with configs/accelerate/deepspeed-zero2.yaml or "
+                        "ddp.yaml")
