@@ -58,7 +58,7 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
         stage = Stages(config.seed, iteration)
         prompts = draw_prompts(parts.prompts, config.prompts_per_iteration, config.seed, iteration)
         samples = generate_sharded(parts.generator, prompts, config.samples_per_prompt, stage("generate"),
-                         config.prompts_per_shard)
+                                   config.prompts_per_shard)
 
         stage("rank")  # every process ranks and selects the same gathered samples
         discarded = apply_discard_rules(samples, parts.discard_rules)
@@ -133,7 +133,7 @@ def on_main(work):
 
 
 def generate_sharded(generator, prompts: list[str], samples_per_prompt: int, seed: int, per_shard: int | None,
-           finish=None) -> list[Sample]:
+                     finish=None) -> list[Sample]:
     """The samples of `prompts`, from every process.
 
     The prompts are cut into shards of `per_shard` (default: one shard per process), shard i sampled with its

@@ -56,7 +56,7 @@ def test_fsdp_config_is_accepted():
 @pytest.mark.parametrize("name, gpus", [("ddp.yaml", True), ("cpu-2proc.yaml", False)])
 def test_data_parallel_configs_are_accepted(name, gpus):
     args, _ = launch_args(name)
-    assert args.multi_gpu == gpus and args.use_cpu == (not gpus)
+    assert args.multi_gpu and args.use_cpu == (not gpus)  # multi_gpu: the processes are started with torchrun
     assert args.num_processes == (8 if gpus else 2)
 
 
