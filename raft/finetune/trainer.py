@@ -1,9 +1,10 @@
 """One trainer for every objective and modality, built on accelerate.
 
-The Accelerator owns what differs between one CPU and 16 GPUs: device placement of the wrapped model, the
-distributed wrapper (DDP, FSDP or a DeepSpeed engine, from the `accelerate launch` config), mixed precision,
-gradient synchronisation across micro-batches and gradient clipping. An objective only says what the loss of a
-micro-batch is; the trainer turns micro-batches into optimizer steps:
+The Accelerator owns what differs between one CPU and 16 GPUs: the distributed wrapper (DDP, or a DeepSpeed
+ZeRO-2 engine, from the `accelerate launch` config; FSDP and ZeRO-3 are refused, see `refuse_sharded_weights`),
+mixed precision, gradient synchronisation across micro-batches (no_sync on all but the last; accelerate's
+sync_gradients flag also tells a DeepSpeed engine where a step ends) and gradient clipping. An objective only
+says what the loss of a micro-batch is; the trainer turns micro-batches into optimizer steps:
 
     trainer.start()                                   # a fresh optimizer state, unless it is carried
     for step in steps:

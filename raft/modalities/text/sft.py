@@ -65,7 +65,7 @@ def lm_example(ids: list[int]) -> tuple[list[int], list[int]]:
 class TextFineTuner(FineTuner):
     """RAFT's supervised objective on the kept samples (plus reference replay), trained by raft.finetune.Trainer.
 
-    Subclasses change what a step is made of (`units`) and the loss of a micro-batch of them (`unit_loss`)."""
+    Subclasses change what a step is made of (`units`) and how its micro-batches are backpropagated (`step_loss`)."""
 
     def __init__(self, policy: TextPolicy, config: TextFinetuneConfig, checkpoint: Path | None, progress: bool = True,
                  replay_texts: list[str] = ()):
