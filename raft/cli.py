@@ -214,9 +214,29 @@ def resolve(args: argparse.Namespace, overrides: list[str], config_class: type |
     modality = args.modality or (saved or {}).get("modality") or _file_modality(args.config) or "text"
     if saved and args.modality and saved.get("modality") != args.modality:
         raise RaftError(f"cannot resume: '{resume_dir}' is a {saved.get('modality')} run, not {args.modality}")
+    if config_class is None and modality == "text" and _wants_ppo(saved, args.config, overrides):
+        from raft.modalities.text.config import TextPPOConfig
+
+        config_class = TextPPOConfig  # `raft run finetune.objective=ppo`, or resuming a PPO run: PPO's settings
     config_class = config_class or resolve_class(modality)
     config = load_config(config_class, args.config, [f"modality={modality}", *overrides], base=saved)
     return config, bool(resume_dir)
+
+
+def _wants_ppo(saved: dict | None, path: str | None, overrides: list[str]) -> bool:
+    """Whether the settings ask for the PPO objective (whose settings live in TextPPOConfig's ppo section)."""
+    loaded = saved or {}
+    if path and Path(path).is_file():
+        try:
+            loaded = {**loaded, **(yaml.safe_load(Path(path).read_text()) or {})}
+        except yaml.YAMLError:
+            pass  # load_config reports the YAML error
+    if not isinstance(loaded, dict):
+        return False
+    finetune = loaded.get("finetune") if isinstance(loaded.get("finetune"), dict) else {}
+    asked = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "finetune.objective"]
+    objective = asked[-1] if asked else finetune.get("objective")
+    return objective == "ppo" or (not asked and "ppo" in loaded)
 
 
 def _file_modality(path: str | None) -> str | None:

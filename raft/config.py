@@ -137,6 +137,11 @@ class RaftConfig:
     prompts_per_iteration: int = option(16, "Prompts drawn per iteration (b in the paper).")
     samples_per_prompt: int = option(8, "Samples generated per prompt (K in the paper).")
     keep_checkpoints: int = option(1, "Checkpoints kept in the run directory (newest first); >= 1 so a run can resume.")
+    prompts_per_shard: int | None = option(
+        None, "Prompts sampled together under one seed (a shard); the shards of an iteration, and of the held-out "
+        "evaluation, are spread over the processes of a multi-process run (torchrun, accelerate launch). null: one "
+        "shard per process. Samples depend on the shard size, not on the number of processes: fix it to get the "
+        "same samples from 1 or N processes.")
     max_train_seconds: float | None = option(
         None, "Wall-clock budget: start no further iteration once the completed ones spent this many seconds "
         "generating, ranking, selecting and fine-tuning (evaluation not counted); null: run all iterations.")
@@ -158,6 +163,7 @@ class RaftConfig:
         _check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _check(self.prompts_per_shard is None or self.prompts_per_shard >= 1, "prompts_per_shard", "must be >= 1 or null")
         _check(self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds", "must be > 0 or null")
         sel = self.selection
         _check(1 <= sel.keep_per_prompt <= self.samples_per_prompt, "selection.keep_per_prompt",

@@ -66,8 +66,10 @@ class FineTuner(ABC):
         """Train on `selected`; return metrics such as the mean loss."""
 
     @abstractmethod
-    def save_checkpoint(self, directory: Path) -> None:
-        """Write everything needed to resume (weights or adapter, optimizer state if carried)."""
+    def save_checkpoint(self, directory: Path | None) -> None:
+        """Write everything needed to resume (weights or adapter, optimizer state if carried). Under N processes
+        every process calls it at the same point (gathering sharded weights is collective); only the main one
+        gets a directory, the others None."""
 
 
 class ReferenceModel(ABC):

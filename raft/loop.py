@@ -3,6 +3,11 @@
 Each stage is one named call on a component the modality built (raft/interface.py). Every stage gets
 its own seed derived from (seed, iteration, stage), so an iteration redone after a kill produces
 exactly what the uninterrupted run produced.
+
+The same loop runs on N processes (`torchrun`, `accelerate launch`): each process samples its shards of the
+iteration's prompts, the samples are gathered before ranking, so every process ranks and selects the same
+set, fine-tuning is data-parallel (raft/finetune/trainer.py), the held-out evaluation is sharded the same way,
+and only the main process reads and writes the run directory (what the others need of it is broadcast).
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from raft.config import GUARD_BOUNDS, RaftConfig, dump_yaml
+from raft.errors import RaftError
+from raft.finetune import distributed
+from raft.generators.sampling import seed_of
 from raft.interface import Components, Sample
 from raft.metrics import best_of_k_kl_bound, mean, plot_metrics, standard_error, train_seconds
 from raft.modalities import get_modality
@@ -31,24 +40,30 @@ OPENING_WORDS = 4  # eval/top_opening_share: the share of held-out samples openi
 
 def run(config: RaftConfig, resume: bool = False) -> Path:
     """Run (or, with `resume`, continue) the RAFT loop described by `config`; returns the run directory."""
+    model = getattr(config, "model", None)
+    distributed.state(cpu=not torch.cuda.is_available() or getattr(model, "device", "auto") == "cpu")
+    if distributed.world() > 1 and distributed.is_main():
+        print(f"raft: {distributed.world()} processes ({distributed.state().distributed_type.value})", flush=True)
     modality = get_modality(config.modality)
-    run_dir = open_run_directory(config, resume, config.modality)
-    parts = modality.build(config, checkpoint=run_dir.latest_checkpoint())
+    run_dir = on_main(lambda: open_run_directory(config, resume, config.modality))
+    config.run_dir = str(run_dir.path)  # the main process named it
+    parts = modality.build(config, checkpoint=on_main(run_dir.latest_checkpoint))
     done = evaluate_starting_policy(run_dir, parts, config)
 
     stopped = False
     for iteration in range(done + 1, config.iterations + 1):
-        stopped = guard_stopped(config, run_dir)
-        if stopped or budget_spent(config, run_dir, iteration):
+        stopped = on_main(lambda: guard_stopped(config, run_dir))
+        if stopped or on_main(lambda: budget_spent(config, run_dir, iteration)):
             break
         stage = Stages(config.seed, iteration)
         prompts = draw_prompts(parts.prompts, config.prompts_per_iteration, config.seed, iteration)
-        samples = parts.generator.generate(prompts, config.samples_per_prompt, seed=stage("generate"))
+        samples = generate_sharded(parts.generator, prompts, config.samples_per_prompt, stage("generate"),
+                                   config.prompts_per_shard)
 
-        stage("rank")
+        stage("rank")  # every process ranks and selects the same gathered samples
         discarded = apply_discard_rules(samples, parts.discard_rules)
         score_samples(parts.ranker, samples)
-        beta = kl_beta(config, run_dir.metrics())
+        beta = on_main(lambda: kl_beta(config, run_dir.metrics()))
         kl_metrics = regularize(samples, parts, beta, policy_name=parts.policy.name)
 
         stage("select")
@@ -58,7 +73,7 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
         train_metrics = parts.finetuner.finetune(selected, seed=stage("finetune")) if selected else {}
 
         stage("evaluate")
-        eval_metrics, eval_samples = evaluate(parts)
+        eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard)
 
         _kill_point(iteration, "save")
         row = {
@@ -77,23 +92,66 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
             **stage.times(),
         }
         files = {"samples": samples, "selected": selected, "eval_samples": eval_samples}
-        crossed = guard_crossed(config, run_dir.metrics() + [row])
+        crossed = on_main(lambda: guard_crossed(config, run_dir.metrics() + [row]))
         rollback = crossed is not None and config.guard.action == "rollback"
-        run_dir.commit_iteration(
-            iteration,
-            lambda folder: write_samples(folder, parts, iteration, files),
-            row,
-            save_checkpoint=None if rollback else parts.finetuner.save_checkpoint,
-            keep_checkpoints=config.keep_checkpoints,
-            before_commit=lambda: _kill_point(iteration, "commit"),
-        )
-        plot_metrics(run_dir.metrics(), run_dir.path / "metrics.png")
-        report(row, config.iterations)
+        if distributed.is_main():
+            run_dir.commit_iteration(
+                iteration,
+                lambda folder: write_samples(folder, parts, iteration, files),
+                row,
+                save_checkpoint=None if rollback else parts.finetuner.save_checkpoint,
+                keep_checkpoints=config.keep_checkpoints,
+                before_commit=lambda: _kill_point(iteration, "commit"),
+            )
+            plot_metrics(run_dir.metrics(), run_dir.path / "metrics.png")
+            report(row, config.iterations)
+        elif not rollback:
+            parts.finetuner.save_checkpoint(None)  # takes part in gathering sharded weights
+        distributed.barrier()
 
     if not stopped:
-        guard_stopped(config, run_dir)  # says so when the last iteration crossed a bound
-    summarize(run_dir)
+        on_main(lambda: guard_stopped(config, run_dir))  # says so when the last iteration crossed a bound
+    on_main(lambda: summarize(run_dir))
+    distributed.finish()
     return run_dir.path
+
+
+def on_main(work):
+    """`work()` on the main process, its result (or its RaftError) on every process."""
+    if distributed.world() == 1:
+        return work()
+    result, error = None, None
+    if distributed.is_main():
+        try:
+            result = work()
+        except RaftError as raised:
+            error = raised
+    result, error = distributed.broadcast((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def generate_sharded(generator, prompts: list[str], samples_per_prompt: int, seed: int, per_shard: int | None,
+                     finish=None) -> list[Sample]:
+    """The samples of `prompts`, from every process.
+
+    The prompts are cut into shards of `per_shard` (default: one shard per process), shard i sampled with its
+    own seed (shard 0 with `seed` itself) by process i mod N; `finish(samples)` runs on each shard where it was
+    sampled. With per_shard fixed, the samples do not depend on the number of processes."""
+    size = per_shard or max(1, math.ceil(len(prompts) / distributed.world()))
+    shards = list(range(0, len(prompts), size))
+    mine = []
+    for index in distributed.shard(list(range(len(shards)))):
+        start = shards[index]
+        samples = generator.generate(prompts[start : start + size], samples_per_prompt,
+                                     seed=seed if index == 0 else seed_of(seed, index))
+        for one in samples:
+            one.prompt_index += start  # its prompt's position in `prompts`
+        if finish is not None:
+            finish(samples)
+        mine.append((index, samples))
+    return [one for _, samples in sorted(distributed.gather(mine), key=lambda part: part[0]) for one in samples]
 
 
 def open_run_directory(config: RaftConfig, resume: bool, name: str) -> RunDirectory:
@@ -118,21 +176,24 @@ def open_run_directory(config: RaftConfig, resume: bool, name: str) -> RunDirect
 def evaluate_starting_policy(run_dir: RunDirectory, parts: Components, config: RaftConfig) -> int:
     """Commits row 0 of metrics.jsonl (the policy before any training) unless it is on disk already;
     returns the last completed iteration."""
-    if run_dir.completed_iteration is not None:
-        return run_dir.completed_iteration
-    if not (run_dir.path / "config.yaml").is_file():
+    completed = on_main(lambda: run_dir.completed_iteration)
+    if completed is not None:
+        return completed
+    if distributed.is_main() and not (run_dir.path / "config.yaml").is_file():
         run_dir.initialize(dump_yaml(config))
     _kill_point(0, "evaluate")
     started = time.perf_counter()
-    eval_metrics, eval_samples = evaluate(parts)
+    eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard)
     files = {"eval_samples": eval_samples}
     if parts.eval_best_of_n:
-        best_metrics, files["best_of_n_samples"] = best_of_n(parts, parts.eval_best_of_n)
+        best_metrics, files["best_of_n_samples"] = best_of_n(parts, parts.eval_best_of_n, config.prompts_per_shard)
         eval_metrics.update(best_metrics)
     row = {"iteration": 0, **eval_metrics, "time/evaluate": time.perf_counter() - started}
-    run_dir.commit_iteration(0, lambda folder: write_samples(folder, parts, 0, files),
-                             row, save_checkpoint=None, keep_checkpoints=config.keep_checkpoints)
-    report(row, config.iterations)
+    if distributed.is_main():
+        run_dir.commit_iteration(0, lambda folder: write_samples(folder, parts, 0, files),
+                                 row, save_checkpoint=None, keep_checkpoints=config.keep_checkpoints)
+        report(row, config.iterations)
+    distributed.barrier()
     return 0
 
 
@@ -224,28 +285,36 @@ def guard_stopped(config: RaftConfig, run_dir: RunDirectory) -> bool:
     return True
 
 
-def evaluate(parts: Components) -> tuple[dict, list[Sample]]:
-    """Reward of the policy's own samples on held-out prompts, plus the collapse metrics and the modality's."""
-    samples = parts.policy.generate(parts.eval_prompts, parts.eval_samples_per_prompt, seed=parts.eval_seed)
-    score_samples(parts.ranker, samples)
+def evaluate(parts: Components, per_shard: int | None = None) -> tuple[dict, list[Sample]]:
+    """Reward of the policy's own samples on held-out prompts, plus the collapse metrics and the modality's.
+
+    Sharded: each process samples, scores and measures the KL of its shards of the held-out prompts; the
+    modality's metrics are computed on the main process (the others get the same result)."""
+
+    def score(samples: list[Sample]) -> None:
+        score_samples(parts.ranker, samples)
+        if parts.reference is not None:
+            for sample, kl in zip(samples, parts.reference.kl_to_start(samples)):
+                sample.kl = kl
+
+    samples = generate_sharded(parts.policy, parts.eval_prompts, parts.eval_samples_per_prompt, parts.eval_seed,
+                               per_shard, finish=score)
     rewards = [s.reward for s in samples]
     metrics = {"eval/reward_mean": mean(rewards), "eval/reward_sem": standard_error(rewards)}
     if parts.reference is not None:
-        for sample, kl in zip(samples, parts.reference.kl_to_start(samples)):
-            sample.kl = kl
         metrics["eval/kl_to_start"] = mean(s.kl for s in samples)
     if parts.opening is not None and samples:
         openings = Counter(parts.opening(s, OPENING_WORDS) for s in samples)
         metrics["eval/top_opening_share"] = openings.most_common(1)[0][1] / len(samples)
-    return {**metrics, **parts.evaluator.evaluate(samples)}, samples
+    return {**metrics, **on_main(lambda: parts.evaluator.evaluate(samples))}, samples
 
 
-def best_of_n(parts: Components, n: int) -> tuple[dict[str, float], list[Sample]]:
+def best_of_n(parts: Components, n: int, per_shard: int | None = None) -> tuple[dict[str, float], list[Sample]]:
     """The held-out reward of best-of-n sampling at inference with the starting policy: n fresh samples per
     held-out prompt (another seed than the evaluation's), the reward picking one. Its KL to the start is at
     most log n - (n - 1) / n."""
-    samples = parts.policy.generate(parts.eval_prompts, n, seed=parts.eval_seed + 1)
-    score_samples(parts.ranker, samples)
+    samples = generate_sharded(parts.policy, parts.eval_prompts, n, parts.eval_seed + 1, per_shard,
+                               finish=lambda shard: score_samples(parts.ranker, shard))
     best: dict[int, float] = {}
     for sample in samples:
         best[sample.prompt_index] = max(best.get(sample.prompt_index, -math.inf), sample.reward)

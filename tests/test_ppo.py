@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
-from raft.baselines.ppo import (PPOSettings, TextPPOConfig, adapt_kl_coef, frozen, gae, make_rollout, policy_loss,
-                                ppo_update, run_ppo, token_rewards, value_loss)
+from raft.baselines.ppo import PPOSettings, TextPPOConfig, run_ppo
 from raft.config import load_config
+from raft.finetune.losses import gae, policy_loss, token_rewards, value_loss
+from raft.finetune.trainer import Trainer, TrainerSettings
+from raft.modalities.text.ppo import PolicyWithValueHead, adapt_kl_coef, make_rollout, new_value_head, ppo_update
+from raft.modalities.text.reference import TextReference
 from raft.modalities.text.config import LoraConfig, TextGenerationConfig, TextModelConfig
 from raft.modalities.text.model import load_policy
 from raft.modalities.text.sampler import TextSampler
@@ -90,17 +93,22 @@ def responses_batch(policy, count=6, seed=0):
     return collate(examples, policy.tokenizer.pad_token_id, "cpu")
 
 
+def reference_of(policy, model_dir):
+    """The loop's reference: under LoRA the adapter-disabled policy, else the starting model loaded again."""
+    return TextReference(policy, lambda: tiny_policy(model_dir).model, 1.0, 512)
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_kl_penalty_grows_as_the_policy_moves(tiny_model_dir, lora):
     policy = tiny_policy(tiny_model_dir, lora)
-    reference = None if lora else frozen(tiny_policy(tiny_model_dir).model)  # LoRA: the adapter-disabled base
+    reference = reference_of(policy, tiny_model_dir)  # LoRA: the adapter-disabled base, no second copy
     batch = responses_batch(policy)
-    value_head = torch.nn.Linear(policy.model.config.hidden_size, 1)
+    module = PolicyWithValueHead(policy.model, torch.nn.Linear(policy.model.config.hidden_size, 1))
     settings = PPOSettings(mini_batch_size=4)
     optimizer = torch.optim.SGD([p for p in policy.model.parameters() if p.requires_grad], lr=0.05 if lora else 0.01)
     penalties = []
     for _ in range(3):
-        rollout = make_rollout(policy.model, value_head, reference, batch, torch.zeros(6), 0.1, 1.0, settings)
+        rollout = make_rollout(module, reference, batch, torch.zeros(6), 0.1, 1.0, settings)
         penalties.append(-rollout["rewards"].sum().item())  # the score is 0: what is left is the KL penalty
         for _ in range(3):  # move the policy: raise the likelihood of these responses
             response_nll(policy.model, batch)[0].backward()
@@ -108,27 +116,25 @@ def test_kl_penalty_grows_as_the_policy_moves(tiny_model_dir, lora):
             optimizer.zero_grad()
     assert penalties[0] == pytest.approx(0.0, abs=1e-5)  # the untouched policy is its own reference
     assert 0 < penalties[1] < penalties[2]
+    assert (reference.frozen is None) == lora  # under LoRA no copy of the model was loaded
 
 
 def test_ppo_raises_the_reward_on_a_small_task(tiny_model_dir):
     """Reward: the share of vowels in the response; 8 prompts x 4 samples x 4 tokens per batch, 20 batches."""
     policy = tiny_policy(tiny_model_dir)
-    reference = frozen(tiny_policy(tiny_model_dir).model)
+    reference = reference_of(policy, tiny_model_dir)
     sampler = TextSampler(policy, TextGenerationConfig(max_new_tokens=4, temperature=1.0), progress=False)
-    value_head = torch.nn.Linear(policy.model.config.hidden_size, 1)
-    torch.nn.init.zeros_(value_head.weight)
-    torch.nn.init.zeros_(value_head.bias)
+    module = PolicyWithValueHead(policy.model, new_value_head(policy.model.config.hidden_size, "cpu"))
     settings = PPOSettings(learning_rate=3e-3, mini_batch_size=16, kl_coef=0.01)
-    parameters = list(policy.model.parameters()) + list(value_head.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate)
+    trainer = Trainer(module, TrainerSettings(settings.learning_rate, 0.01, settings.max_grad_norm, True))
     rewards, kls = [], []
     for iteration in range(20):
         samples = sampler.generate([f"review {i}" for i in range(8)], 4, seed=iteration)
         scores = torch.tensor(vowel_share(None, [s.output for s in samples]))
         examples = [build_example(policy.encode_prompt(s.prompt), s.meta["token_ids"], 512) for s in samples]
         batch = collate(examples, policy.tokenizer.pad_token_id, "cpu")
-        rollout = make_rollout(policy.model, value_head, reference, batch, scores, settings.kl_coef, 1.0, settings)
-        stats = ppo_update(policy.model, value_head, optimizer, parameters, batch, rollout, 1.0, settings, iteration)
+        rollout = make_rollout(module, reference, batch, scores, settings.kl_coef, 1.0, settings)
+        stats = ppo_update(trainer, batch, rollout, 1.0, settings, iteration)
         rewards.append(scores.mean().item())
         kls.append(stats["ppo/kl"])
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
@@ -163,3 +169,35 @@ def test_ppo_writes_raft_run_directory_and_resumes(tiny_model_dir, prompt_file, 
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     # the coefficient carried over: KL far below target_kl lowers it by 20% x 9 rollouts / 10000 per iteration
     assert rows[2]["ppo/kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 9 / 10000), rel=1e-9)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["generators.0.kind=file", "generators.0.path=samples.jsonl"],
+     "config: generators.0.kind must be policy with PPO: it learns from the policy's own samples only, got file"),
+    (["generators.0.sampling_template={prompt} Be upbeat."],
+     "config: generators.0.sampling_template and sampling_system_prompt must be unset with PPO"),
+    (["generators.0.sampling_system_prompt=Be upbeat."],
+     "config: generators.0.sampling_template and sampling_system_prompt must be unset with PPO"),
+])
+def test_ppo_refuses_generators_it_cannot_learn_from_in_one_line(overrides, expected, capsys):
+    from raft.cli import main
+
+    assert main(["ppo", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raft: error: {expected}") and err.count("\n") == 1
+
+
+def test_ppo_is_an_objective_of_the_loop(tiny_model_dir, prompt_file, tmp_path, capsys):
+    """`raft run finetune.objective=ppo` is `raft ppo`: PPO's settings are fixed for it, and its run resumes as any."""
+    from raft.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["run", *tiny_overrides(tiny_model_dir, prompt_file, run_dir), "iterations=1",
+                 "finetune.objective=ppo"]) == 0
+    saved = load_config(TextPPOConfig, run_dir / "config.yaml")
+    assert (saved.finetune.objective, saved.selection.strategy, saved.kl.beta) == ("ppo", "all", 0.0)
+    assert main(["run", "--resume", str(run_dir), "iterations=2"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and all(r["selected"] == 9 for r in rows[1:])
+    with pytest.raises(Exception, match="finetune.objective ppo takes its settings from the ppo section"):
+        load_config(type(saved).__mro__[1], None, ["finetune.objective=ppo"])  # the text config has no ppo section

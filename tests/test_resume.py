@@ -29,6 +29,10 @@ def outcome(run_dir):
 VARIANTS = {
     "full": [],
     "lora+carried-optimizer": ["finetune.lora.enabled=true", "finetune.lora.r=4", "finetune.carry_optimizer_state=true"],
+    "rrhf": ["finetune.objective=rrhf", "selection.strategy=all"],
+    # PPO in the loop: value head, optimizer and adapted kl_coef carry over in the checkpoint
+    "ppo+lora": ["finetune.objective=ppo", "finetune.lora.enabled=true", "finetune.lora.r=4", "ppo.adaptive_kl=true",
+                 "ppo.learning_rate=1e-3"],
 }
 
 
@@ -52,6 +56,9 @@ def uninterrupted(tiny_model_dir, prompt_file, tmp_path_factory):
     ("full", "3:commit"),
     ("lora+carried-optimizer", "2:finetune"),
     ("lora+carried-optimizer", "3:commit"),
+    ("rrhf", "2:finetune"),
+    ("ppo+lora", "2:finetune"),
+    ("ppo+lora", "3:commit"),
 ])
 def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model_dir, prompt_file, tmp_path, variant,
                                                   kill_at):

@@ -89,3 +89,20 @@ def test_unfinished_samples_get_no_eos(policy):
     finished = tuner.example(Sample(prompt_index=0, prompt="p", output="great film", meta={"finished": True}))
     cut = tuner.example(Sample(prompt_index=0, prompt="p", output="great film", meta={"finished": False}))
     assert finished[0][-1] == eos and cut[0][-1] != eos
+
+
+def test_bf16_mixed_precision_trains_through_accelerate_on_cpu(tiny_model_dir):
+    """finetune.mixed_precision=bf16: the forward runs under accelerate's autocast (the loss differs a little from
+    float32's), the weights stay float32, and a later trainer in the same process can go back to float32."""
+    kept = [Sample(prompt_index=0, prompt="a review", output="great film", meta={"finished": True}),
+            Sample(prompt_index=1, prompt="another", output="dull plot", meta={"finished": True})]
+    results = {}
+    for precision in ("bf16", "no"):
+        policy = load_policy(TextModelConfig(name_or_path=str(tiny_model_dir), device="cpu"), LoraConfig(), None)
+        tuner = TextFineTuner(policy, TextFinetuneConfig(learning_rate=1e-2, epochs=3, batch_size=2,
+                                                         mixed_precision=precision), None, progress=False)
+        assert tuner.trainer.accelerator.mixed_precision == precision
+        results[precision] = tuner.finetune(kept, seed=0)["train/loss"]
+        assert all(p.dtype == torch.float32 for p in policy.model.parameters())
+    assert results["bf16"] != results["no"]
+    assert results["bf16"] == pytest.approx(results["no"], rel=0.05)

@@ -149,6 +149,9 @@ class DiffusionFinetuneConfig:
     carry_optimizer_state: bool = option(
         False, "Keep AdamW moments across iterations (and in checkpoints). Off: a fresh optimizer each iteration.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet during fine-tuning.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "Mixed precision of fine-tuning (accelerate's autocast; the weights stay in model.dtype): bf16 (GPUs that "
+        "have it, and CPUs), fp16 (CUDA, with loss scaling) or no.")
     lora: DiffusionLoraConfig = option(DiffusionLoraConfig(), "LoRA adapter settings.")
 
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from raft.errors import RaftError
+from raft.finetune import distributed
+from raft.finetune.trainer import Trainer, TrainerSettings
 from raft.interface import FineTuner, Sample
 from raft.modalities.diffusion.config import DiffusionFinetuneConfig
 from raft.modalities.diffusion.model import DiffusionPolicy, save_policy
@@ -41,19 +43,18 @@ class DiffusionFineTuner(FineTuner):
         self.policy, self.config, self.progress = policy, config, progress
         # the forward (noising) process of training: the pipeline's betas, whatever scheduler samples
         self.noise_scheduler = DDPMScheduler.from_config(policy.pipeline.scheduler.config)
-        self.optimizer = None
         if config.gradient_checkpointing:
             policy.unet.enable_gradient_checkpointing()
-        state = checkpoint / "optimizer.pt" if checkpoint is not None else None
-        if config.carry_optimizer_state and state is not None and state.is_file():
-            self.optimizer = self._new_optimizer()
-            self.optimizer.load_state_dict(torch.load(state, map_location=policy.device, weights_only=True))
-
-    def _new_optimizer(self) -> torch.optim.Optimizer:
-        parameters = self.policy.trainable_parameters()
-        if not parameters:
+        if not policy.trainable_parameters():
             raise RaftError("finetune: the UNet has no trainable parameters (check finetune.lora.target_modules)")
-        return torch.optim.AdamW(parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+        self.trainer = Trainer(policy.unet, TrainerSettings(config.learning_rate, config.weight_decay,
+                                                            config.max_grad_norm, config.carry_optimizer_state,
+                                                            config.mixed_precision), checkpoint, policy.device)
+
+    @property
+    def optimizer(self):
+        """The AdamW state carried across iterations (None when each iteration starts afresh)."""
+        return self.trainer.optimizer if self.config.carry_optimizer_state and self.trainer.started else None
 
     @torch.no_grad()
     def encode(self, selected: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +95,7 @@ class DiffusionFineTuner(FineTuner):
         else:
             target = noise
         with policy.autocast():
-            prediction = policy.unet(noisy.to(policy.dtype), timesteps, text).sample
+            prediction = self.trainer.model(noisy.to(policy.dtype), timesteps, text).sample
         return F.mse_loss(prediction.float(), target.float())
 
     def finetune(self, selected: list[Sample], seed: int) -> dict[str, float]:
@@ -109,32 +110,34 @@ class DiffusionFineTuner(FineTuner):
         if config.caption_dropout > 0:
             with torch.no_grad():
                 empty = policy.encode_prompts([""])
-        optimizer = self.optimizer if self.optimizer is not None else self._new_optimizer()
-        if config.carry_optimizer_state:
-            self.optimizer = optimizer
+        trainer = self.trainer
+        trainer.start()
         micro = config.batch_size // config.gradient_accumulation_steps
         steps = [order[i : i + config.batch_size]
                  for order in (torch.randperm(len(selected), generator=generator).tolist() for _ in range(config.epochs))
                  for i in range(0, len(selected), config.batch_size)]
 
+        def loss_of(index, size):
+            loss = self.loss(moments[index], texts[index], generator, empty)
+            return loss * len(index) / size, {"train/loss": loss.item() * len(index) / size}
+
         policy.unet.train()
         losses = []
         for step in tqdm(steps, desc=f"fine-tuning on {len(selected)}", disable=not self.progress, leave=False):
-            step_loss = 0.0
-            for j in range(0, len(step), micro):
-                index = torch.tensor(step[j : j + micro])
-                loss = self.loss(moments[index], texts[index], generator, empty)
-                (loss * len(index) / len(step)).backward()
-                step_loss += loss.item() * len(index) / len(step)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            chunks = [torch.tensor(step[j : j + micro]) for j in range(0, len(step), micro)]
+            if trainer.num_processes > 1:  # each process its share of the step's images
+                mine = distributed.shard(step)
+                chunks = [torch.tensor(mine[j : j + max(1, micro // trainer.num_processes)])
+                          for j in range(0, len(mine), max(1, micro // trainer.num_processes))]
+            metrics = trainer.accumulate(chunks, lambda index: loss_of(index, len(step)), torch.tensor(step[:1]))
+            trainer.step()
+            losses.append(trainer.reduce(metrics, ["train/loss"])["train/loss"])
         policy.unet.eval()
         return {"train/loss": sum(losses) / len(losses) if losses else math.nan, "train/steps": len(steps)}
 
-    def save_checkpoint(self, directory: Path) -> None:
+    def save_checkpoint(self, directory: Path | None) -> None:
+        self.trainer.model_state()  # collective under sharded training: every process takes part
+        if directory is None:  # not the main process
+            return
         save_policy(self.policy, directory)
-        if self.config.carry_optimizer_state and self.optimizer is not None:
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        self.trainer.save_optimizer(directory)

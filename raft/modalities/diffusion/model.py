@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from raft.errors import RaftError
+from raft.finetune.distributed import resolve_device  # noqa: F401 (also imported from here)
 from raft.modalities.diffusion.config import DiffusionLoraConfig, DiffusionModelConfig
 
 ASSETS = Path(__file__).parent / "assets"
@@ -44,18 +45,6 @@ def resolve_source(name_or_path: str, field: str = "model.name_or_path") -> str:
     if looks_local and not path.exists():
         raise RaftError(f"{field}: no such folder '{name_or_path}'")
     return str(path) if path.exists() else name_or_path
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RaftError(f"config: model.device '{name}' is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RaftError(f"config: model.device is '{name}' but CUDA is not available")
-    return device
 
 
 def scheduler_class(name: str):

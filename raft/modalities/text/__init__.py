@@ -13,6 +13,7 @@ from raft.modalities.text.discard import build_discard_rules
 from raft.modalities.text.evaluate import TextEvaluator
 from raft.modalities.text.generators import build_external_generators, build_generator
 from raft.modalities.text.model import load_policy
+from raft.modalities.text.ppo import PPOFineTuner
 from raft.modalities.text.rankers import build_ranker
 from raft.modalities.text.reference import TextReference, starting_model_loader
 from raft.modalities.text.rrhf import RrhfFineTuner
@@ -31,13 +32,18 @@ class TextModality(Modality):
         replay = config.finetune.replay
         replay_texts = load_replay_texts(replay.texts, replay.field, config.data) if replay.share > 0 else []
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
-        finetuner_class = RrhfFineTuner if config.finetune.objective == "rrhf" else TextFineTuner
         eval_generation = config.generation
         if config.eval.temperature is not None:
             eval_generation = dataclasses.replace(config.generation, temperature=config.eval.temperature)
         reference = TextReference(policy, starting_model_loader(config.model), config.generation.temperature,
                                   config.finetune.max_seq_length, eval_temperature=eval_generation.temperature,
                                   starts_at_start=checkpoint is None)
+        if config.finetune.objective == "ppo":  # a TextPPOConfig: the reference gives PPO's KL penalty too
+            finetuner = PPOFineTuner(policy, config.finetune, config.ppo, reference, config.generation.temperature,
+                                     checkpoint)
+        else:
+            finetuner_class = RrhfFineTuner if config.finetune.objective == "rrhf" else TextFineTuner
+            finetuner = finetuner_class(policy, config.finetune, checkpoint, replay_texts=replay_texts)
         diversity = config.selection.diversity
         features = FEATURES["ngram" if diversity.features == "auto" else diversity.features]
         return Components(
@@ -46,7 +52,7 @@ class TextModality(Modality):
             generator=build_generator(config, external, policy),
             policy=TextSampler(policy, eval_generation),  # evaluation: the policy as deployed, no magic prompts
             ranker=build_ranker(config.rankers, policy.device),
-            finetuner=finetuner_class(policy, config.finetune, checkpoint, replay_texts=replay_texts),
+            finetuner=finetuner,
             evaluator=TextEvaluator(policy, data.reference_texts, config.eval.batch_size, config.eval.max_tokens),
             discard_rules=discard_rules,
             reference=reference,

@@ -167,11 +167,13 @@ class ReplayConfig:
 
 @dataclass
 class TextFinetuneConfig:
-    objective: Literal["sft", "rrhf"] = option(
+    objective: Literal["sft", "rrhf", "ppo"] = option(
         "sft",
         "sft: RAFT's supervised loss on the kept samples; rrhf: RRHF (Yuan et al. 2023), a ranking loss over "
         "the scored candidates of each prompt plus the supervised loss on its best one (needs several "
-        "candidates per prompt: selection.strategy=all).",
+        "candidates per prompt: selection.strategy=all); ppo: PPO on every sample of the policy, its settings in "
+        "the ppo section (`raft ppo`, which sets what PPO needs: selection.strategy all, kl.beta 0, no discard, "
+        "diversity or replay).",
     )
     rrhf_weight: float = option(1.0, "objective rrhf: weight of the ranking loss beside the supervised loss on the best.")
     length_penalty: float = option(
@@ -188,6 +190,9 @@ class TextFinetuneConfig:
     carry_optimizer_state: bool = option(
         False, "Keep AdamW moments across iterations (and in checkpoints). Off: a fresh optimizer each iteration.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory during fine-tuning.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "Mixed precision of fine-tuning (accelerate's autocast; the weights stay in model.dtype): bf16 (GPUs that "
+        "have it, and CPUs), fp16 (CUDA, with loss scaling) or no.")
     lora: LoraConfig = option(LoraConfig(), "LoRA adapter settings.")
     replay: ReplayConfig = option(ReplayConfig(), "Reference replay: LM loss on reference texts, to hold perplexity.")
 
@@ -304,6 +309,8 @@ class TextRaftConfig(RaftConfig):
         _check(f.rrhf_weight >= 0, "finetune.rrhf_weight", "must be >= 0")
         several = self.selection.strategy in ("all", "threshold") or (
             self.selection.strategy == "local" and self.selection.keep_per_prompt > 1)
+        _check(f.objective != "ppo" or hasattr(self, "ppo"), "finetune.objective",
+               "ppo takes its settings from the ppo section: run it as `raft ppo` (TextPPOConfig)")
         _check(f.objective != "rrhf" or several,
                "finetune.objective", "rrhf ranks several candidates per prompt; set selection.strategy=all")
         _check(self.data.eval_size >= 1, "data.eval_size", "must be >= 1")
@@ -333,3 +340,73 @@ class TextRaftConfig(RaftConfig):
             if g.kind in ("http", "vllm"):
                 _check(g.endpoint == "chat" or g.sampling_system_prompt is None, f"{where}.sampling_system_prompt",
                        "needs endpoint chat (completions sends the prompt text alone)")
+
+
+@dataclass
+class PPOSettings:
+    learning_rate: float = option(3e-6, "AdamW learning rate of the policy and the value head (TRL's last default).")
+    epochs: int = option(4, "PPO epochs over each batch of rollouts.")
+    mini_batch_size: int = option(8, "Rollouts per optimizer step.")
+    kl_coef: float = option(0.05, "Coefficient of the per-token KL penalty in the reward (the start value if adaptive_kl).")
+    adaptive_kl: bool = option(False, "Adapt kl_coef so the KL to the reference tracks target_kl (Ziegler et al. 2019).")
+    target_kl: float = option(6.0, "adaptive_kl: target KL to the reference per response, in nats.")
+    kl_horizon: int = option(10000, "adaptive_kl: horizon of the proportional controller, in rollouts.")
+    cliprange: float = option(0.2, "Clip range of the probability ratio of the policy loss.")
+    cliprange_value: float = option(0.2, "Clip range of the value prediction around its rollout-time value.")
+    vf_coef: float = option(0.1, "Weight of the value loss.")
+    gamma: float = option(1.0, "Discount per token.")
+    lam: float = option(0.95, "GAE lambda.")
+    whiten_rewards: bool = option(
+        False, "Scale each batch's per-token rewards (score + KL penalty) to unit variance, mean kept (TRL's whiten_rewards).")
+    whiten_advantages: bool = option(True, "Whiten advantages per batch (mean 0, variance 1 over response tokens).")
+    missing_eos_penalty: float | None = option(
+        None, "Subtracted from the score of responses that ran out of tokens before EOS (null: none).")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
+
+
+# what PPO needs from the RAFT loop's settings: every sample of the iteration, unfiltered, ranked by its reward alone
+PPO_FIXED = {
+    "finetune.objective": "ppo", "selection.strategy": "all", "selection.min_reward": None, "kl.beta": 0.0,
+    "kl.adaptive": False, "selection.diversity.max_similarity": None, "selection.diversity.max_opening_share": None,
+    "finetune.replay.share": 0.0, "discard.min_words": 0, "discard.max_words": None, "discard.patterns": [],
+    "discard.max_repeated_ngram_fraction": None,
+}
+
+
+@dataclass
+class TextPPOConfig(TextRaftConfig):
+    """The text modality's settings (model, data, generation, rankers, eval, finetune.lora) plus PPO's.
+
+    PPO runs in the RAFT loop as `finetune.objective=ppo` (what `raft ppo` sets): per iteration it samples
+    samples_per_prompt responses for each of prompts_per_iteration prompts, as RAFT does, and learns from all of
+    them. With that objective the settings in PPO_FIXED are set for it (every sample, no discard rule, no
+    KL-regularized ranking: PPO has its own KL penalty); the other finetune settings are RAFT's, apart from
+    finetune.lora, max_seq_length, gradient_checkpointing and mixed_precision. With another objective (the shared
+    config of `raft compare`) the ppo section waits unused."""
+
+    ppo: PPOSettings = option(PPOSettings(), "PPO settings.")
+
+    def validate(self) -> None:
+        if self.finetune.objective == "ppo":
+            for dotted, value in PPO_FIXED.items():
+                *parents, name = dotted.split(".")
+                node = self
+                for parent in parents:
+                    node = getattr(node, parent)
+                setattr(node, name, value)
+        super().validate()
+        p = self.ppo
+        _check(p.learning_rate > 0, "ppo.learning_rate", "must be > 0")
+        _check(p.epochs >= 1, "ppo.epochs", "must be >= 1")
+        _check(p.mini_batch_size >= 1, "ppo.mini_batch_size", "must be >= 1")
+        _check(p.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
+        _check(p.target_kl > 0, "ppo.target_kl", "must be > 0")
+        _check(p.kl_horizon >= 1, "ppo.kl_horizon", "must be >= 1")
+        _check(p.cliprange > 0 and p.cliprange_value > 0, "ppo.cliprange", "and ppo.cliprange_value must be > 0")
+        _check(0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma", "and ppo.lam must be in [0, 1]")
+        for i, g in enumerate(self.generators if self.finetune.objective == "ppo" else []):  # on-policy samples only
+            _check(g.kind == "policy", f"generators.{i}.kind",
+                   f"must be policy with PPO: it learns from the policy's own samples only, got {g.kind}")
+            _check(g.sampling_template == "{prompt}" and g.sampling_system_prompt is None,
+                   f"generators.{i}.sampling_template",
+                   "and sampling_system_prompt must be unset with PPO: a magic prompt makes its samples off-policy")

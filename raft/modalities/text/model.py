@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from raft.errors import RaftError
+from raft.finetune.distributed import resolve_device  # noqa: F401 (also imported from here)
 from raft.modalities.text.config import LoraConfig, TextModelConfig
 
 BUILTIN_PREFIX = "builtin:"
@@ -53,18 +54,6 @@ class TextPolicy:
         ids = self.model.generation_config.eos_token_id
         ids = ids if isinstance(ids, list) else [ids]
         return {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RaftError(f"config: model.device '{name}' is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RaftError(f"config: model.device is '{name}' but CUDA is not available")
-    return device
 
 
 def load_policy(config: TextModelConfig, lora: LoraConfig, checkpoint: Path | None, seed: int = 0) -> TextPolicy:

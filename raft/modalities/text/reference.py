@@ -81,6 +81,20 @@ class TextReference(ReferenceModel):
         policy.model.train(was_training)
         return ratios, kls
 
+    @torch.no_grad()
+    def token_logprobs(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        """log pi_0 of each labelled token of a collated batch (raft/modalities/text/sft.py's layout) at
+        `temperature`: the per-token reference of PPO's KL penalty."""
+        from raft.modalities.text.sft import label_logprobs
+
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.adapter:
+            with self.policy.model.disable_adapter():
+                logits = self.policy.model(**inputs).logits
+        else:
+            logits = self._frozen_model()(**inputs).logits
+        return label_logprobs(logits, batch["labels"], temperature)[0]
+
     def _batches(self, groups: list[list[int]]) -> list[list[list[int]]]:
         """Whole prompts' groups of samples, about `batch_size` samples per forward pass."""
         batches, current = [], []

@@ -14,22 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from raft.finetune.losses import rrhf_loss  # noqa: F401 (the loss; also imported from here)
 from raft.interface import Sample
 from raft.modalities.text.sft import TextFineTuner, collate, label_logprobs
-
-
-def rrhf_loss(logprob_sums: torch.Tensor, lengths: torch.Tensor, rewards: torch.Tensor, rrhf_weight: float,
-              length_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, ranking loss, NLL of the best) for the candidates of one prompt.
-
-    `logprob_sums[i]` is candidate i's summed response log-probability, `lengths[i]` its response tokens.
-    Ties in reward form no pair; the best is the first candidate with the highest reward."""
-    scores = logprob_sums / lengths.to(logprob_sums.dtype) ** length_penalty
-    worse = rewards[:, None] < rewards[None, :]  # worse[i, j]: candidate i has the lower reward
-    rank = (scores[:, None] - scores[None, :]).clamp(min=0)[worse].sum()
-    best = int(torch.argmax(rewards))  # argmax returns the first maximum
-    nll = -logprob_sums[best] / lengths[best]
-    return rrhf_weight * rank + nll, rank, nll
 
 
 class RrhfFineTuner(TextFineTuner):
@@ -42,18 +29,20 @@ class RrhfFineTuner(TextFineTuner):
         # ranked by the ranking score: the reward, minus beta * KL under KL-regularized ranking
         return [([self.example(s) for s in group], [s.ranking_score for s in group]) for group in groups.values()]
 
-    def step_loss(self, chunks: list[list]) -> dict[str, float]:
-        """Mean over the step's prompts of each prompt's RRHF loss; a micro-batch holds whole prompts."""
-        config, device = self.config, self.policy.device
-        prompts = sum(len(chunk) for chunk in chunks)
-        totals = {"train/loss": 0.0, "train/rank_loss": 0.0, "train/sft_loss": 0.0}
-        for chunk in chunks:
+    def step_loss(self, chunks: list[list], padding: list | None = None) -> dict[str, float]:
+        """Mean over the step's prompts (of every process) of each prompt's RRHF loss; a micro-batch holds whole
+        prompts."""
+        config, device, trainer = self.config, self.policy.device, self.trainer
+        prompts = max(trainer.reduce({"prompts": float(sum(len(chunk) for chunk in chunks))})["prompts"], 1.0)
+
+        def loss_of(chunk):
             examples = [example for group, _ in chunk for example in group]
             batch = collate(examples, self.policy.tokenizer.pad_token_id, device)
-            logits = self.policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logprobs, mask = label_logprobs(logits, batch["labels"])
             sums, lengths = logprobs.sum(-1), mask.sum(-1).clamp(min=1)
             loss, start = 0.0, 0
+            totals = {"train/loss": 0.0, "train/rank_loss": 0.0, "train/sft_loss": 0.0}
             for group, rewards in chunk:
                 end = start + len(group)
                 total, rank, nll = rrhf_loss(sums[start:end], lengths[start:end],
@@ -62,5 +51,7 @@ class RrhfFineTuner(TextFineTuner):
                 loss, start = loss + total, end
                 for key, value in zip(totals, (total, rank, nll)):
                     totals[key] += value.item() / prompts
-            (loss / prompts).backward()
-        return totals
+            return loss / prompts, totals
+
+        keys = ["train/loss", "train/rank_loss", "train/sft_loss"]
+        return trainer.reduce(trainer.accumulate(chunks, loss_of, padding), keys)

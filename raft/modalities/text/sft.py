@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from raft.finetune import distributed
+from raft.finetune.trainer import Trainer, TrainerSettings
 from raft.interface import FineTuner, Sample
 from raft.metrics import mean
 from raft.modalities.text.config import TextFinetuneConfig
@@ -61,23 +63,29 @@ def lm_example(ids: list[int]) -> tuple[list[int], list[int]]:
 
 
 class TextFineTuner(FineTuner):
+    """RAFT's supervised objective on the kept samples (plus reference replay), trained by raft.finetune.Trainer.
+
+    Subclasses change what a step is made of (`units`) and how its micro-batches are backpropagated (`step_loss`)."""
+
     def __init__(self, policy: TextPolicy, config: TextFinetuneConfig, checkpoint: Path | None, progress: bool = True,
                  replay_texts: list[str] = ()):
         """`replay_texts`: reference texts for `config.replay` (the LM loss on them joins every step)."""
         self.policy, self.config, self.progress = policy, config, progress
         self.replay = [lm_example(policy.tokenizer(t, add_special_tokens=True)["input_ids"][: config.replay.max_tokens])
                        for t in replay_texts] if config.replay.share > 0 else []
-        self.optimizer = None
         if config.gradient_checkpointing:
             policy.model.gradient_checkpointing_enable()
-        state = checkpoint / "optimizer.pt" if checkpoint is not None else None
-        if config.carry_optimizer_state and state is not None and state.is_file():
-            self.optimizer = self._new_optimizer()
-            self.optimizer.load_state_dict(torch.load(state, map_location=policy.device, weights_only=True))
+        self.trainer = Trainer(policy.model, self.trainer_settings(), checkpoint, policy.device)
 
-    def _new_optimizer(self) -> torch.optim.Optimizer:
-        parameters = [p for p in self.policy.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+    def trainer_settings(self) -> TrainerSettings:
+        c = self.config
+        return TrainerSettings(c.learning_rate, c.weight_decay, c.max_grad_norm, c.carry_optimizer_state,
+                               c.mixed_precision)
+
+    @property
+    def optimizer(self):
+        """The AdamW state carried across iterations (None when each iteration starts afresh)."""
+        return self.trainer.optimizer if self.config.carry_optimizer_state and self.trainer.started else None
 
     def example(self, sample: Sample) -> tuple[list[int], list[int]]:
         tokenizer = self.policy.tokenizer
@@ -91,13 +99,12 @@ class TextFineTuner(FineTuner):
         return [self.example(s) for s in selected]
 
     def finetune(self, selected: list[Sample], seed: int) -> dict[str, float]:
-        config, model = self.config, self.policy.model
+        config, model, trainer = self.config, self.policy.model, self.trainer
         torch.manual_seed(seed)
         units = self.units(selected)
-        optimizer = self.optimizer if self.optimizer is not None else self._new_optimizer()
-        if config.carry_optimizer_state:
-            self.optimizer = optimizer
-        micro = config.batch_size // config.gradient_accumulation_steps
+        trainer.start()
+        # micro-batches of one process: the step's share of each process, cut into gradient_accumulation_steps
+        micro = max(1, config.batch_size // config.gradient_accumulation_steps // trainer.num_processes)
         order_generator = torch.Generator().manual_seed(seed)
         steps = [order[i : i + config.batch_size]
                  for order in (torch.randperm(len(units), generator=order_generator).tolist() for _ in range(config.epochs))
@@ -108,32 +115,33 @@ class TextFineTuner(FineTuner):
         model.train()
         step_metrics = []
         for step in tqdm(steps, desc=f"fine-tuning on {len(units)}", disable=not self.progress, leave=False):
-            chunks = [[units[i] for i in step[j : j + micro]] for j in range(0, len(step), micro)]
-            step_metrics.append(self.step_loss(chunks))
+            mine = distributed.shard(step)
+            chunks = [[units[i] for i in mine[j : j + micro]] for j in range(0, len(mine), micro)]
+            step_metrics.append(self.step_loss(chunks, padding=[units[step[0]]]))
             if replayed:
                 count = math.ceil(config.replay.share * len(step))
                 texts, replayed = replayed[:count], replayed[count:]
-                step_metrics[-1]["train/replay_loss"] = self.replay_loss(texts, micro)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                step_metrics[-1]["train/replay_loss"] = self.replay_loss(distributed.shard(texts), micro,
+                                                                         padding=texts[:1])
+            trainer.step()
         model.eval()
         names = step_metrics[0] if step_metrics else ["train/loss"]
         return {**{k: mean(m[k] for m in step_metrics) for k in names}, "train/steps": len(steps)}
 
-    def step_loss(self, chunks: list[list]) -> dict[str, float]:
-        """Backpropagates one optimizer step's loss, micro-batch by micro-batch; returns its metrics.
-
-        The loss is the mean over the step's response tokens, whatever the micro-batching."""
+    def step_loss(self, chunks: list[list], padding: list | None = None) -> dict[str, float]:
+        """Backpropagates this process's micro-batches (`chunks`) of one optimizer step; returns the step's
+        metrics. The loss is the mean over the step's response tokens (of every process), whatever the
+        micro-batching."""
         batches = [collate(chunk, self.policy.tokenizer.pad_token_id, self.policy.device) for chunk in chunks]
-        tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        step_loss = 0.0
-        for batch in batches:
-            nll, _ = response_nll(self.policy.model, batch)
-            (nll / max(tokens, 1)).backward()
-            step_loss += nll.item()
-        return {"train/loss": step_loss / max(tokens, 1)}
+        tokens = self.trainer.reduce({"tokens": sum(float((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)})
+        tokens = max(tokens["tokens"], 1.0)
+
+        def loss_of(batch):
+            nll, _ = response_nll(self.trainer.model, batch)
+            return nll / tokens, {"train/loss": nll.item() / tokens}
+
+        padding = collate(padding, self.policy.tokenizer.pad_token_id, self.policy.device) if padding else None
+        return self.trainer.reduce(self.trainer.accumulate(batches, loss_of, padding), ["train/loss"])
 
     def replay_order(self, seed: int, count: int) -> list[tuple[list[int], list[int]]]:
         """`count` replay examples for this iteration: seeded passes over the reference texts, no repeats within one."""
@@ -145,20 +153,26 @@ class TextFineTuner(FineTuner):
             order += torch.randperm(len(self.replay), generator=generator).tolist()
         return [self.replay[i] for i in order[:count]]
 
-    def replay_loss(self, examples: list, micro: int) -> float:
-        """Backpropagates weight x the LM loss (mean over the texts' tokens) of replayed reference texts."""
+    def replay_loss(self, examples: list, micro: int, padding: list | None = None) -> float:
+        """Backpropagates weight x the LM loss (mean over the texts' tokens, of every process) of replayed
+        reference texts; returns that mean."""
         batches = [collate(examples[i : i + micro], self.policy.tokenizer.pad_token_id, self.policy.device)
                    for i in range(0, len(examples), micro)]
-        tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        total = 0.0
-        for batch in batches:
-            nll, _ = response_nll(self.policy.model, batch)
-            (self.config.replay.weight * nll / max(tokens, 1)).backward()
-            total += nll.item()
-        return total / max(tokens, 1)
+        tokens = self.trainer.reduce({"tokens": sum(float((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)})
+        tokens = max(tokens["tokens"], 1.0)
 
-    def save_checkpoint(self, directory: Path) -> None:
-        self.policy.model.save_pretrained(directory, safe_serialization=True)  # a peft model saves its adapter only
+        def loss_of(batch):
+            nll, _ = response_nll(self.trainer.model, batch)
+            return self.config.replay.weight * nll / tokens, {"replay": nll.item() / tokens}
+
+        padding = collate(padding, self.policy.tokenizer.pad_token_id, self.policy.device) if padding else None
+        return self.trainer.reduce(self.trainer.accumulate(batches, loss_of, padding), ["replay"])["replay"]
+
+    def save_checkpoint(self, directory: Path | None) -> None:
+        state = self.trainer.model_state()  # collective under sharded training: every process calls this
+        if directory is None:  # not the main process
+            return
+        # a peft model saves its adapter only
+        self.policy.model.save_pretrained(directory, safe_serialization=True, state_dict=state)
         self.policy.tokenizer.save_pretrained(directory)
-        if self.config.carry_optimizer_state and self.optimizer is not None:
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        self.trainer.save_optimizer(directory)
