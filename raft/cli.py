@@ -49,6 +49,19 @@ aligned images from the same seed, the run's per-iteration grids and reward curv
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `raft` command; a reader that closes the pipe early (`raft run --help | head`) ends it quietly."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # Python's own flush at exit would raise again: point stdout at /dev/null first
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="raft", description="Reward-ranked fine-tuning of generative models.")
     commands = parser.add_subparsers(dest="command", required=True)
