@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from raft.config import GUARD_BOUNDS, RaftConfig, dump_yaml
+from raft.errors import RaftError
 from raft.interface import Components, Sample
 from raft.metrics import best_of_k_kl_bound, mean, plot_metrics, standard_error, train_seconds
 from raft.modalities import get_modality
@@ -31,8 +32,15 @@ OPENING_WORDS = 4  # eval/top_opening_share: the share of held-out samples openi
 
 def run(config: RaftConfig, resume: bool = False) -> Path:
     """Run (or, with `resume`, continue) the RAFT loop described by `config`; returns the run directory."""
-    modality = get_modality(config.modality)
     run_dir = open_run_directory(config, resume, config.modality)
+    try:
+        return _run(config, run_dir)
+    finally:
+        run_dir.unlock()
+
+
+def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
+    modality = get_modality(config.modality)
     parts = modality.build(config, checkpoint=run_dir.latest_checkpoint())
     done = evaluate_starting_policy(run_dir, parts, config)
 
@@ -100,19 +108,39 @@ def open_run_directory(config: RaftConfig, resume: bool, name: str) -> RunDirect
     """A new run directory (runs/<name>-<date>-<time> unless config.run_dir is set), or on `resume` the
     existing one with anything past its last completed iteration removed.
 
-    A new directory is only created by `evaluate_starting_policy`, after the components were built, so a
-    run that cannot start (bad model, bad data) writes nothing."""
+    The directory is locked for this process (a second one stops in one line naming the holder) until
+    `run_dir.unlock()` or the process ends. Its files are only written by `evaluate_starting_policy`, after the
+    components were built, so a run that cannot start (bad model, bad data) leaves nothing behind."""
     if not config.run_dir:
-        config.run_dir = f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}"
+        config.run_dir = default_run_dir(name)
     run_dir = RunDirectory(config.run_dir)
-    if resume and (run_dir.path / "config.yaml").is_file():
-        run_dir.discard_unfinished()
-        run_dir.write_config(dump_yaml(config))
-        if run_dir.completed_iteration is not None:
-            print(f"resuming {run_dir.path} after iteration {run_dir.completed_iteration}", flush=True)
-    else:
-        run_dir.ensure_new()
+    run_dir.lock()
+    try:
+        if resume and (run_dir.path / "config.yaml").is_file():
+            run_dir.discard_unfinished()
+            run_dir.write_config(dump_yaml(config))
+            if run_dir.completed_iteration is not None:
+                print(f"resuming {run_dir.path} after iteration {run_dir.completed_iteration}", flush=True)
+        else:
+            run_dir.ensure_new()
+    except BaseException:
+        run_dir.unlock()
+        raise
     return run_dir
+
+
+def default_run_dir(name: str) -> str:
+    """runs/<name>-<date>-<time>, or with -2, -3, ... appended when another run took that name in the same second:
+    the folder is created here (atomically), so two launches never share one."""
+    stamp = f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    for number in range(1, 10_000):
+        candidate = Path(stamp if number == 1 else f"{stamp}-{number}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return str(candidate)
+    raise RaftError(f"no free run directory name for {stamp}")
 
 
 def evaluate_starting_policy(run_dir: RunDirectory, parts: Components, config: RaftConfig) -> int:

@@ -11,29 +11,75 @@
         eval_samples.jsonl         the policy's held-out samples and their rewards
       checkpoints/iter-0001/       weights or adapter (safetensors) and optimizer state if carried
 
-Every file and folder is written under a temporary name and renamed into place; state.json is written
-last, so an iteration either is complete on disk or is redone from the previous one on resume.
+      .lock                        while a process runs or resumes the run: its pid, host and start time
+
+Every file and folder is written under a temporary name unique to the writing process and renamed into place
+(the folder fsynced after), state.json last, so an iteration either is complete on disk or is redone from the
+previous one on resume. One process at a time: `RunDirectory.lock` holds an exclusive lock (flock on .lock, which
+the kernel drops when the holder dies, so a stale lock never blocks) for the whole run, and a second process on
+the same directory stops with one line naming the holder.
 """
 
 from __future__ import annotations
 
+import atexit
+import errno
 import json
 import math
 import os
+import secrets
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from raft.errors import RaftError
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+LOCK_NAME = ".lock"
+
+
+def temp_path(path: Path, suffix: str = "") -> Path:
+    """A temporary sibling of `path` no other process or call picks: `<name>.<pid>-<random>.tmp<suffix>`
+    (`suffix` keeps a file type readable by writers that go by the extension, such as `.png`)."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
+
+
+def is_temp_name(name: str) -> bool:
+    return ".tmp" in name
+
+
+def fsync_dir(directory: Path) -> None:
+    """Makes the renames inside `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def jsonable(value: Any) -> Any:
@@ -55,18 +101,137 @@ def to_jsonl(rows: Iterable[dict]) -> str:
     return "".join(json.dumps(jsonable(row), ensure_ascii=False) + "\n" for row in rows)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flushes every file under `root` and the folders holding them, before `root` is renamed into place."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
 def iteration_name(iteration: int) -> str:
     return f"iter-{iteration:04d}"
+
+
+_HELD: dict[str, list] = {}  # realpath -> [lock file descriptor, depth]: this process's locks (re-entrant)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe_holder(raw: str) -> str:
+    try:
+        holder = json.loads(raw)
+        return f"pid {holder['pid']} on host {holder['host']} (since {holder['started']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
 
 
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    # ---- the lock: one process per run directory
+
+    def lock(self) -> None:
+        """Takes the directory's exclusive lock (creating the directory), or stops in one line naming the process
+        that holds it. Re-entrant within a process; `unlock` releases it (process exit does too)."""
+        key = os.path.realpath(self.path)
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RaftError(f"cannot create run directory '{self.path}': {error.strerror or error}") from None
+        path = self.path / LOCK_NAME
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _describe_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+                os.close(fd)
+                raise RaftError(f"run directory '{self.path}' is in use by {holder}; wait for it to end or stop it "
+                                f"(a dead holder's lock is released by the system)") from None
+            except (ImportError, OSError) as error:  # no flock here (some network filesystems): pid and host
+                os.close(fd)
+                if isinstance(error, OSError) and error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                fd = self._lock_by_pid(path)
+                break
+            try:  # the holder may have released (unlinked) the file between our open and flock
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        os.fsync(fd)
+        _HELD[key] = [fd, 1]
+
+    def _lock_by_pid(self, path: Path) -> int:
+        """The lock without flock: the file is created exclusively; one naming a dead pid on this host is stale."""
+        for _ in range(3):
+            try:
+                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                raw = path.read_text(errors="replace") if path.exists() else ""
+                try:
+                    holder = json.loads(raw)
+                    stale = holder["host"] == socket.gethostname() and not _pid_alive(int(holder["pid"]))
+                except (ValueError, KeyError, TypeError):
+                    holder, stale = None, False
+                if not stale:
+                    raise RaftError(f"run directory '{self.path}' is in use by {_describe_holder(raw)}; wait for it "
+                                    f"to end, or delete {path} if that process is gone") from None
+                path.unlink(missing_ok=True)
+        raise RaftError(f"run directory '{self.path}' is in use by another process (its lock keeps changing)")
+
+    def unlock(self) -> None:
+        """Releases the lock; a directory that holds nothing but it (a run that never started) is removed."""
+        key = os.path.realpath(self.path)
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del _HELD[key]
+        fd = held[0]
+        path = self.path / LOCK_NAME
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+        except OSError:
+            pass
+        os.close(fd)
+        try:
+            self.path.rmdir()  # only succeeds when empty
+        except OSError:
+            pass
+
     # ---- opening
 
     def ensure_new(self) -> None:
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and any(p.name != LOCK_NAME for p in self.path.iterdir()):
             raise RaftError(f"run directory '{self.path}' already exists; pass --resume {self.path} to continue it")
 
     def initialize(self, config_yaml: str) -> None:
@@ -120,8 +285,8 @@ class RunDirectory:
             if not folder.is_dir():
                 continue
             for entry in folder.iterdir():
-                number = entry.name.removeprefix("iter-").removesuffix(".tmp")
-                if entry.name.endswith(".tmp") or not number.isdigit() or int(number) > done:
+                number = entry.name.removeprefix("iter-")
+                if is_temp_name(entry.name) or not number.isdigit() or int(number) > done:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         rows = [row for row in self.metrics() if row["iteration"] <= done]
         if (self.path / "metrics.jsonl").is_file():
@@ -152,18 +317,29 @@ class RunDirectory:
         self._prune_checkpoints(keep_checkpoints)
 
     def _write_folder(self, final: Path, fill: Callable[[Path], Any]) -> None:
-        tmp = final.with_name(final.name + ".tmp")
-        for stale in (tmp, final):
-            if stale.exists():
-                shutil.rmtree(stale)
+        tmp = temp_path(final)
         tmp.mkdir(parents=True)
-        fill(tmp)
-        os.replace(tmp, final)
+        try:
+            fill(tmp)
+            _fsync_tree(tmp)
+            if final.exists():  # an uncommitted leftover of this iteration (the lock rules out a live writer)
+                shutil.rmtree(final)
+            replace_durably(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def _prune_checkpoints(self, keep: int) -> None:
         folder = self.path / "checkpoints"
         if not folder.is_dir():
             return
-        checkpoints = sorted(p for p in folder.iterdir() if p.name.startswith("iter-") and not p.name.endswith(".tmp"))
+        checkpoints = sorted(p for p in folder.iterdir() if p.name.startswith("iter-") and not is_temp_name(p.name))
         for old in checkpoints[:-keep]:
             shutil.rmtree(old)
+
+
+@atexit.register
+def _release_all() -> None:
+    for key in list(_HELD):
+        _HELD[key][1] = 1
+        RunDirectory(key).unlock()

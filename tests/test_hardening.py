@@ -24,3 +24,101 @@ def test_cli_exits_quietly_on_a_closed_pipe():
     process.wait(timeout=120)
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
     assert process.returncode == 141
+
+
+# ---- item 1: one process per run directory
+
+
+def _hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process that takes the run directory's lock and keeps it until killed."""
+    code = ("import sys, time; from raft.rundir import RunDirectory; RunDirectory(sys.argv[1]).lock(); "
+            "print('locked', flush=True); time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def test_a_locked_run_directory_is_refused_naming_the_holder_and_a_dead_holder_does_not_block(tmp_path):
+    import signal
+    import socket
+
+    from raft.errors import RaftError
+    from raft.rundir import RunDirectory
+
+    run_dir = tmp_path / "run"
+    holder = _hold_lock(run_dir)
+    try:
+        with pytest.raises(RaftError, match=rf"in use by pid {holder.pid} on host {socket.gethostname()}"):
+            RunDirectory(run_dir).lock()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (run_dir / ".lock").exists()  # left behind by the killed holder: stale, it must not block
+    RunDirectory(run_dir).lock()
+    RunDirectory(run_dir).unlock()
+    assert not run_dir.exists()  # a directory holding nothing but the lock is removed with it
+
+
+def test_without_flock_a_lock_naming_a_dead_pid_on_this_host_is_stale(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import json
+    import socket
+
+    from raft.errors import RaftError
+    from raft.rundir import RunDirectory
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for host, pid, refused in [(socket.gethostname(), os.getppid(), True), ("elsewhere", dead.pid, True),
+                               (socket.gethostname(), dead.pid, False)]:
+        (run_dir / ".lock").write_text(json.dumps({"pid": pid, "host": host, "started": "then"}))
+        if refused:
+            with pytest.raises(RaftError, match=rf"in use by pid {pid} on host {host}"):
+                RunDirectory(run_dir).lock()
+        else:
+            RunDirectory(run_dir).lock()
+            assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
+            RunDirectory(run_dir).unlock()
+
+
+def test_default_run_names_never_collide(tmp_path, monkeypatch):
+    from datetime import datetime
+
+    import raft.loop as loop
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 11, 30, 12, 0, 0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop, "datetime", Frozen)
+    names = [loop.default_run_dir("text") for _ in range(3)]
+    assert len(set(names)) == 3 and all(Path(name).is_dir() for name in names)
+
+
+def test_two_writers_of_one_folder_do_not_delete_each_others_files(tmp_path):
+    from raft.rundir import RunDirectory
+
+    run_dir = RunDirectory(tmp_path)
+    final = tmp_path / "iterations" / "iter-0001"
+
+    def second_writer(folder):
+        (folder / "b.txt").write_text("b")
+
+    def first_writer(folder):
+        (folder / "a.txt").write_text("a")
+        run_dir._write_folder(final, second_writer)  # another writer of the same folder, mid-way
+        (folder / "a2.txt").write_text("a")
+
+    run_dir._write_folder(final, first_writer)
+    assert sorted(p.name for p in final.iterdir()) == ["a.txt", "a2.txt"]
+    assert [p.name for p in final.parent.iterdir()] == ["iter-0001"]  # no temporary left
