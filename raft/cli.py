@@ -12,12 +12,16 @@ import yaml
 from raft.config import describe, dump_yaml, load_config
 from raft.errors import RaftError
 
-USAGE = """raft run [--modality text|diffusion] [--config FILE.yaml] [--resume RUN_DIR] [key.sub=value ...]
+USAGE = """raft run [--modality text|diffusion] [--config FILE.yaml] [--resume RUN_DIR [--allow-changed-settings]]
+                [key.sub=value ...]
 
 Runs RAFT: per iteration, sample K outputs for each of b prompts, score them, keep the best, fine-tune
 on them, evaluate on held-out prompts. Settings: the modality's defaults, then --config, then the
 key.sub=value overrides (YAML values: 3, 2e-5, true, null, [16, 48]). --resume continues the run in
-RUN_DIR after its last completed iteration, with its saved config (overrides still apply)."""
+RUN_DIR after its last completed iteration, with its saved config; overrides may change only what cannot change
+what the finished iterations mean (iterations, max_train_seconds, keep_checkpoints, guard.*, model.device, the
+servers' timeouts and retries): anything else stops the resume in one line, unless --allow-changed-settings.
+Every change is recorded in RUN_DIR/resumes.jsonl."""
 
 BASELINE_USAGE = """raft ppo [--config FILE.yaml] [--resume RUN_DIR] [key.sub=value ...]
        raft best-of-k [--config FILE.yaml] [key.sub=value ...]
@@ -69,6 +73,7 @@ def _main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--modality", default=None)
     run_parser.add_argument("--config", default=None)
     run_parser.add_argument("--resume", default=None, metavar="RUN_DIR")
+    run_parser.add_argument("--allow-changed-settings", action="store_true")
     run_parser.add_argument("-h", "--help", action="store_true")
     for name, what in [("ppo", "run or resume the PPO baseline (text)"),
                        ("best-of-k", "held-out reward of best-of-K sampling, no training (text)"),
@@ -118,7 +123,7 @@ def _main(argv: list[str] | None = None) -> int:
             return 0
         from raft.loop import run
 
-        run(config, resume=resume)
+        run(config, resume=resume, allow_changed_settings=args.allow_changed_settings)
         return 0
     except RaftError as error:
         print(f"raft: error: {error}", file=sys.stderr)
@@ -219,10 +224,9 @@ def resolve(args: argparse.Namespace, overrides: list[str], config_class: type |
     saved = None
     resume_dir = getattr(args, "resume", None)
     if resume_dir:
-        saved_path = Path(resume_dir) / "config.yaml"
-        if not saved_path.is_file():
-            raise RaftError(f"cannot resume: '{resume_dir}' is not a run directory (no config.yaml)")
-        saved = yaml.safe_load(saved_path.read_text())
+        from raft.rundir import RunDirectory
+
+        saved = RunDirectory(resume_dir).saved_config()  # one line when missing, empty or not YAML
         saved["run_dir"] = str(resume_dir)
     modality = args.modality or (saved or {}).get("modality") or _file_modality(args.config) or "text"
     if saved and args.modality and saved.get("modality") != args.modality:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raft.config import GUARD_BOUNDS, RaftConfig, dump_yaml
+from raft.config import GUARD_BOUNDS, RaftConfig, dump_yaml, to_dict
 from raft.errors import RaftError
 from raft.interface import Components, Sample
 from raft.metrics import best_of_k_kl_bound, mean, plot_metrics, standard_error, train_seconds
@@ -30,9 +30,10 @@ STAGES = ("generate", "rank", "select", "finetune", "evaluate")
 OPENING_WORDS = 4  # eval/top_opening_share: the share of held-out samples opening with the most common 4 words
 
 
-def run(config: RaftConfig, resume: bool = False) -> Path:
-    """Run (or, with `resume`, continue) the RAFT loop described by `config`; returns the run directory."""
-    run_dir = open_run_directory(config, resume, config.modality)
+def run(config: RaftConfig, resume: bool = False, allow_changed_settings: bool = False) -> Path:
+    """Run (or, with `resume`, continue) the RAFT loop described by `config`; returns the run directory.
+    A resume refuses settings that change what the finished iterations mean unless `allow_changed_settings`."""
+    run_dir = open_run_directory(config, resume, config.modality, allow_changed_settings)
     try:
         return _run(config, run_dir)
     finally:
@@ -104,7 +105,7 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
     return run_dir.path
 
 
-def open_run_directory(config: RaftConfig, resume: bool, name: str) -> RunDirectory:
+def open_run_directory(config: RaftConfig, resume: bool, name: str, allow_changed_settings: bool = False) -> RunDirectory:
     """A new run directory (runs/<name>-<date>-<time> unless config.run_dir is set), or on `resume` the
     existing one with anything past its last completed iteration removed.
 
@@ -117,6 +118,7 @@ def open_run_directory(config: RaftConfig, resume: bool, name: str) -> RunDirect
     run_dir.lock()
     try:
         if resume and (run_dir.path / "config.yaml").is_file():
+            run_dir.check_resume_changes(to_dict(config), allow_all=allow_changed_settings)
             run_dir.discard_unfinished()
             run_dir.write_config(dump_yaml(config))
             if run_dir.completed_iteration is not None:

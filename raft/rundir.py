@@ -11,6 +11,7 @@
         eval_samples.jsonl         the policy's held-out samples and their rewards
       checkpoints/iter-0001/       weights or adapter (safetensors) and optimizer state if carried
 
+      resumes.jsonl                one row per resume that changed settings: what changed, from what to what
       .lock                        while a process runs or resumes the run: its pid, host and start time
 
 Every file and folder is written under a temporary name unique to the writing process and renamed into place
@@ -113,11 +114,59 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(Path(folder))
 
 
+# Settings a resume may change: they cannot change what the finished iterations mean (how many more to run,
+# budgets, where and how fast things run, the collapse guard's bounds, which README says --resume re-checks).
+RESUMABLE_CHANGES = (
+    "iterations", "max_train_seconds", "keep_checkpoints", "run_dir", "guard.*", "model.device",
+    "finetune.gradient_checkpointing", "generators.*.max_concurrency", "generators.*.timeout_s",
+    "generators.*.max_retries", "generators.*.retry_backoff_s", "generators.*.api_key_env",
+)
+
+
+def _flatten(data: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{path}{key}."))
+        return flat
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        flat = {f"{path}#entries": len(data)}
+        for index, value in enumerate(data):
+            flat.update(_flatten(value, f"{path}{index}."))
+        return flat
+    return {path.rstrip("."): data}
+
+
+def settings_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, new value)} for every setting that differs. A key the saved config lacks (written
+    by an older raft, before the setting existed) counts as unchanged unless its list of entries grew."""
+    old, now = _flatten(saved), _flatten(new)
+    changes = {}
+    for key, value in now.items():
+        if key.endswith("#entries"):
+            if old.get(key, value) != value:
+                changes[key.removesuffix(".#entries")] = (f"{old.get(key)} entries", f"{value} entries")
+        elif key in old and old[key] != value:
+            changes[key] = (old[key], value)
+    return changes
+
+
+def resumable(key: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_CHANGES)
+
+
 def iteration_name(iteration: int) -> str:
     return f"iter-{iteration:04d}"
 
 
 _HELD: dict[str, list] = {}  # realpath -> [lock file descriptor, depth]: this process's locks (re-entrant)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(jsonable(value), ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _pid_alive(pid: int) -> bool:
@@ -241,6 +290,42 @@ class RunDirectory:
 
     def write_config(self, config_yaml: str) -> None:
         atomic_write_text(self.path / "config.yaml", config_yaml)
+
+    def check_resume_changes(self, new: dict, allow_all: bool = False) -> dict[str, tuple[Any, Any]]:
+        """Compares the settings of a resume with the saved config.yaml: stops in one line on a change that would
+        alter what the finished iterations mean (model, seed, K, LoRA, rewards, ... anything but RESUMABLE_CHANGES)
+        unless `allow_all`, and records every change in resumes.jsonl. Returns the changes."""
+        saved = self.saved_config()
+        changes = settings_changes(saved, new)
+        refused = [key for key in changes if not resumable(key)]
+        if refused and not allow_all:
+            shown = "; ".join(f"{key} ({_short(changes[key][0])} -> {_short(changes[key][1])})" for key in refused)
+            raise RaftError(f"cannot resume '{self.path}' with settings that change what its finished iterations mean: "
+                            f"{shown}; start a new run (or pass --allow-changed-settings to record the change and "
+                            f"continue anyway)")
+        if changes:
+            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "after_iteration": self.completed_iteration,
+                      "changes": {key: {"from": a, "to": b} for key, (a, b) in changes.items()},
+                      **({"forced": refused} if refused else {})}
+            log = self.path / "resumes.jsonl"
+            previous = log.read_text() if log.is_file() else ""
+            atomic_write_text(log, previous + to_jsonl([record]))
+        return changes
+
+    def saved_config(self) -> dict:
+        """config.yaml as data; one line naming the file when it is empty, not YAML or not a mapping."""
+        import yaml
+
+        path = self.path / "config.yaml"
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise RaftError(f"cannot resume: '{self.path}' is not a run directory (no config.yaml)") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise RaftError(f"'{path}' is corrupt: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(data, dict) or not data:
+            raise RaftError(f"'{path}' is corrupt: {'empty' if not data else 'not a mapping of settings'}")
+        return data
 
     # ---- state
 

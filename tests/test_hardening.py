@@ -122,3 +122,69 @@ def test_two_writers_of_one_folder_do_not_delete_each_others_files(tmp_path):
     run_dir._write_folder(final, first_writer)
     assert sorted(p.name for p in final.iterdir()) == ["a.txt", "a2.txt"]
     assert [p.name for p in final.parent.iterdir()] == ["iter-0001"]  # no temporary left
+
+
+# ---- item 2: a resume may not change what the finished iterations mean
+
+
+def _fake_run_dir(run_dir: Path, overrides: list[str]) -> str:
+    import raft
+    from raft.config import dump_yaml
+
+    run_dir.mkdir(parents=True)
+    text = dump_yaml(raft.load_config("text", overrides=[f"run_dir={run_dir}", *overrides]))
+    (run_dir / "config.yaml").write_text(text)
+    (run_dir / "state.json").write_text('{"completed_iteration": 0}\n')
+    return text
+
+
+def run_cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "raft", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def one_line_error(result, needle):
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("change, shown", [
+    (["seed=1"], "seed (0 -> 1)"),
+    (["samples_per_prompt=4"], "samples_per_prompt (8 -> 4)"),
+    (["model.name_or_path=other/model"], 'model.name_or_path ("HuggingFaceTB/SmolLM2-135M-Instruct" -> "other/model")'),
+    (["finetune.lora.enabled=true"], "finetune.lora.enabled (false -> true)"),
+    (["rankers.0.lexicon=afinn"], 'rankers.0.lexicon ("vader" -> "afinn")'),
+])
+def test_resume_refuses_settings_that_change_the_finished_iterations(tmp_path, change, shown):
+    run_dir = tmp_path / "run"
+    saved = _fake_run_dir(run_dir, ["model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct"])
+    result = run_cli("run", "--resume", str(run_dir), "iterations=9", *change)
+    line = one_line_error(result, "settings that change what its finished iterations mean")
+    assert shown in line and "iterations (4 -> 9)" not in line  # allowed changes are not listed
+    assert (run_dir / "config.yaml").read_text() == saved  # nothing overwritten
+    assert not (run_dir / "resumes.jsonl").exists() and not (run_dir / ".lock").exists()
+
+
+def test_resume_records_the_changes_it_allows(tmp_path):
+    import json
+
+    import raft
+    from raft.rundir import RunDirectory
+    from raft.config import to_dict
+
+    run_dir = tmp_path / "run"
+    _fake_run_dir(run_dir, ["rankers=[{kind: lexicon}, {kind: lexicon, lexicon: afinn}]"])
+    config = raft.load_config("text", run_dir / "config.yaml", ["iterations=9", "guard.max_kl=5", "max_train_seconds=60"])
+    changes = RunDirectory(run_dir).check_resume_changes(to_dict(config))
+    assert set(changes) == {"iterations", "guard.max_kl", "max_train_seconds"}
+    record = json.loads((run_dir / "resumes.jsonl").read_text())
+    assert record["changes"]["iterations"] == {"from": 4, "to": 9} and record["after_iteration"] == 0
+    fewer = raft.load_config("text", run_dir / "config.yaml", ["rankers=[{kind: lexicon}]"])
+    with pytest.raises(Exception, match=r"rankers \(\"2 entries\" -> \"1 entries\"\)"):
+        RunDirectory(run_dir).check_resume_changes(to_dict(fewer))
+    forced = RunDirectory(run_dir).check_resume_changes(to_dict(fewer), allow_all=True)
+    assert "rankers" in forced
+    assert json.loads((run_dir / "resumes.jsonl").read_text().splitlines()[1])["forced"] == ["rankers"]
