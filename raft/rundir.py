@@ -157,6 +157,18 @@ def resumable(key: str) -> bool:
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_CHANGES)
 
 
+def load_state(path: Path, map_location: Any = "cpu") -> Any:
+    """A torch-saved state (optimizer state, a state dict) read without unpickling code (weights_only=True, on
+    every torch version); anything else in the file stops the run in one line naming it."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a corrupt file, or a pickle holding more than tensors and plain data
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RaftError(f"cannot read '{path}': not a plain saved state ({first[:200]})") from None
+
+
 def iteration_name(iteration: int) -> str:
     return f"iter-{iteration:04d}"
 

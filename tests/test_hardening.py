@@ -188,3 +188,85 @@ def test_resume_records_the_changes_it_allows(tmp_path):
     forced = RunDirectory(run_dir).check_resume_changes(to_dict(fewer), allow_all=True)
     assert "rankers" in forced
     assert json.loads((run_dir / "resumes.jsonl").read_text().splitlines()[1])["forced"] == ["rankers"]
+
+
+# ---- item 3: saved states are loaded without unpickling code, on every torch version
+
+
+def test_every_torch_load_in_raft_passes_weights_only():
+    import ast
+
+    calls = []
+    for path in (ROOT / "raft").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                flags = {k.arg: k.value for k in node.keywords}
+                safe = isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True
+                calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", safe))
+    assert calls and all(safe for _, safe in calls), [where for where, safe in calls if not safe]
+
+
+class Evil:
+    """Unpickling this runs code: it creates the file it names."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def old_torch_load(monkeypatch):
+    """torch.load as torch < 2.6 has it (pyproject allows 2.3): unpickles anything unless weights_only=True.
+    Returns the keyword arguments of every call."""
+    import torch
+
+    calls = []
+    real = torch.load
+
+    def load(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **{"weights_only": False, **kwargs})
+
+    monkeypatch.setattr(torch, "load", load)
+    return calls
+
+
+def test_ppo_resume_never_unpickles_code(tiny_model_dir, prompt_file, tmp_path, monkeypatch, one_thread):
+    import shutil
+
+    import torch
+
+    from raft.baselines.ppo import TextPPOConfig, run_ppo
+    from raft.config import load_config
+    from raft.errors import RaftError
+
+    run_dir = tmp_path / "run"
+    run_ppo(load_config(TextPPOConfig, None, tiny_overrides(tiny_model_dir, prompt_file, run_dir) + [
+        "iterations=1", "finetune.lora.enabled=true", "finetune.lora.r=4"]))
+    checkpoint = run_dir / "checkpoints/iter-0001"
+    calls = old_torch_load(monkeypatch)
+    run_ppo(load_config(TextPPOConfig, run_dir / "config.yaml"), resume=True)  # nothing left to run: loads only
+    assert len(calls) == 2 and all(c.get("weights_only") is True for c in calls), calls
+
+    shutil.copy(checkpoint / "value_head.pt", tmp_path / "good.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"weight": Evil(marker)}, checkpoint / "value_head.pt")
+    with pytest.raises(RaftError, match=r"cannot read '.*value_head.pt': not a plain saved state"):
+        run_ppo(load_config(TextPPOConfig, run_dir / "config.yaml"), resume=True)
+    assert not marker.exists()
+
+
+def test_the_pickled_aesthetic_head_is_refused_on_any_torch(tiny_clip_dir, tmp_path, monkeypatch):
+    import torch
+
+    from raft.errors import RaftError
+    from raft.modalities.diffusion.rankers import load_aesthetic_head
+
+    marker = tmp_path / "pwned"
+    torch.save({"layers.0.weight": Evil(marker)}, tmp_path / "head.pth")
+    calls = old_torch_load(monkeypatch)
+    with pytest.raises(RaftError, match="cannot read weights"):
+        load_aesthetic_head(str(tmp_path / "head.pth"), "mlp", 16, "rankers.0.weights")
+    assert not marker.exists() and calls[0]["weights_only"] is True

@@ -32,6 +32,7 @@ from raft.modalities.text.config import LoraConfig, TextRaftConfig
 from raft.modalities.text.model import load_policy
 from raft.modalities.text.sft import build_example, collate, label_logprobs
 from raft.rankers import score_samples
+from raft.rundir import load_state
 
 
 @dataclass
@@ -99,8 +100,8 @@ def run_ppo(config: TextPPOConfig, resume: bool = False) -> Path:
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate)
     kl_coef = settings.kl_coef
     if checkpoint is not None:
-        value_head.load_state_dict(torch.load(checkpoint / "value_head.pt", map_location=policy.device))
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=policy.device))
+        value_head.load_state_dict(load_state(checkpoint / "value_head.pt", map_location=policy.device))
+        optimizer.load_state_dict(load_state(checkpoint / "optimizer.pt", map_location=policy.device))
         kl_coef = json.loads((checkpoint / "ppo_state.json").read_text())["kl_coef"]
 
     def save_checkpoint(directory: Path) -> None:
