@@ -21,7 +21,9 @@ key.sub=value overrides (YAML values: 3, 2e-5, true, null, [16, 48]). --resume c
 RUN_DIR after its last completed iteration, with its saved config; overrides may change only what cannot change
 what the finished iterations mean (iterations, max_train_seconds, keep_checkpoints, guard.*, model.device, the
 servers' timeouts and retries): anything else stops the resume in one line, unless --allow-changed-settings.
-Every change is recorded in RUN_DIR/resumes.jsonl."""
+Every change is recorded in RUN_DIR/resumes.jsonl. A run directory is data, not code: a saved config that would
+run code (model.trust_remote_code, rankers.N.trust_remote_code, a callable ranker's function) is refused unless
+--trust-run-code is given."""
 
 BASELINE_USAGE = """raft ppo [--config FILE.yaml] [--resume RUN_DIR] [key.sub=value ...]
        raft best-of-k [--config FILE.yaml] [key.sub=value ...]
@@ -74,6 +76,7 @@ def _main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--config", default=None)
     run_parser.add_argument("--resume", default=None, metavar="RUN_DIR")
     run_parser.add_argument("--allow-changed-settings", action="store_true")
+    run_parser.add_argument("--trust-run-code", action="store_true")
     run_parser.add_argument("-h", "--help", action="store_true")
     for name, what in [("ppo", "run or resume the PPO baseline (text)"),
                        ("best-of-k", "held-out reward of best-of-K sampling, no training (text)"),
@@ -84,6 +87,7 @@ def _main(argv: list[str] | None = None) -> int:
         baseline.add_argument("-h", "--help", action="store_true")
         if name == "ppo":
             baseline.add_argument("--resume", default=None, metavar="RUN_DIR")
+            baseline.add_argument("--trust-run-code", action="store_true")
         if name == "compare":
             baseline.add_argument("--methods", default="best_of_k,raft,raft_undefended,rrhf,ppo")
             baseline.add_argument("--seeds", default=None)  # comma-separated; checked by compare.parse_seeds
@@ -102,6 +106,7 @@ def _main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-prompt-chars", type=positive, default=200)
     demo.add_argument("--steps", type=positive, default=None)
     demo.add_argument("--max-steps", type=positive, default=50)
+    demo.add_argument("--trust-run-code", action="store_true")
     show_parser = commands.add_parser("config", help="print the resolved config as YAML (nothing runs)")
     show_parser.add_argument("--modality", default=None)
     show_parser.add_argument("--config", default=None)
@@ -177,12 +182,13 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> int:
             from raft.demos.chat import launch
 
             launch(args.run, args.base, args.host, args.port, max_input_chars=args.max_input_chars,
-                   max_new_tokens=args.max_new_tokens, history_turns=args.history_turns)
+                   max_new_tokens=args.max_new_tokens, history_turns=args.history_turns,
+                   trust_run_code=args.trust_run_code)
         else:
             from raft.demos.image import launch
 
             launch(args.run, args.base, args.host, args.port, max_prompt_chars=args.max_prompt_chars,
-                   max_steps=args.max_steps, steps=args.steps)
+                   max_steps=args.max_steps, steps=args.steps, trust_run_code=args.trust_run_code)
     except ModuleNotFoundError as error:
         if error.name != "gradio":
             raise
@@ -233,6 +239,11 @@ def resolve(args: argparse.Namespace, overrides: list[str], config_class: type |
         raise RaftError(f"cannot resume: '{resume_dir}' is a {saved.get('modality')} run, not {args.modality}")
     config_class = config_class or resolve_class(modality)
     config = load_config(config_class, args.config, [f"modality={modality}", *overrides], base=saved)
+    if saved is not None:
+        from raft.config import to_dict
+        from raft.rundir import refuse_saved_code
+
+        refuse_saved_code(Path(resume_dir) / "config.yaml", saved, to_dict(config), args.trust_run_code)
     return config, bool(resume_dir)
 
 

@@ -151,6 +151,35 @@ def settings_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return changes
 
 
+def code_settings(data: dict) -> dict[str, Any]:
+    """The settings of a config (plain data) that run code other than raft's and its libraries': a checkpoint's
+    own model code (trust_remote_code) and user ranker functions (a module or a .py file)."""
+    found: dict[str, Any] = {}
+    if isinstance(data.get("model"), dict) and data["model"].get("trust_remote_code") is True:
+        found["model.trust_remote_code"] = True
+    for index, ranker in enumerate(data.get("rankers") or []):
+        if not isinstance(ranker, dict):
+            continue
+        if ranker.get("trust_remote_code") is True:
+            found[f"rankers.{index}.trust_remote_code"] = True
+        if ranker.get("kind") == "callable" and ranker.get("function"):
+            found[f"rankers.{index}.function"] = ranker["function"]
+    return found
+
+
+def refuse_saved_code(config_path: Path, saved: dict, effective: dict, trusted: bool) -> None:
+    """A run directory is data, not code: the settings of its saved config that would run code (`code_settings`)
+    stop the command in one line unless the user passed --trust-run-code."""
+    if trusted:
+        return
+    now = code_settings(effective)
+    asked = {key: value for key, value in code_settings(saved).items() if now.get(key) == value}
+    if asked:
+        shown = ", ".join(key if value is True else f"{key}={value}" for key, value in asked.items())
+        raise RaftError(f"'{config_path}' asks to run code ({shown}); a run directory is not trusted like code: "
+                        f"pass --trust-run-code if you trust whoever wrote it")
+
+
 def resumable(key: str) -> bool:
     import fnmatch
 

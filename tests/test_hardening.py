@@ -270,3 +270,35 @@ def test_the_pickled_aesthetic_head_is_refused_on_any_torch(tiny_clip_dir, tmp_p
     with pytest.raises(RaftError, match="cannot read weights"):
         load_aesthetic_head(str(tmp_path / "head.pth"), "mlp", 16, "rankers.0.weights")
     assert not marker.exists() and calls[0]["weights_only"] is True
+
+
+# ---- item 4: a run directory is data, not code
+
+
+@pytest.mark.parametrize("saved, named", [
+    (["rankers.0.kind=callable", "rankers.0.function=evil.py:score"], "rankers.0.function=evil.py:score"),
+    (["model.trust_remote_code=true"], "model.trust_remote_code"),
+    (["rankers.0.kind=classifier", "rankers.0.model=some/model", "rankers.0.trust_remote_code=true"],
+     "rankers.0.trust_remote_code"),
+])
+def test_resume_and_demo_do_not_run_code_a_saved_config_names(tmp_path, saved, named):
+    run_dir = tmp_path / "run"
+    _fake_run_dir(run_dir, saved)
+    needle = f"asks to run code ({named}); a run directory is not trusted like code: pass --trust-run-code"
+    one_line_error(run_cli("run", "--resume", str(run_dir)), needle)
+    one_line_error(run_cli("demo", "chat", "--run", str(run_dir)), needle)
+    assert not (run_dir / ".lock").exists()
+
+
+def test_trust_run_code_or_a_setting_given_anew_lets_a_resume_through(tmp_path):
+    import argparse
+
+    from raft.cli import resolve
+
+    run_dir = tmp_path / "run"
+    _fake_run_dir(run_dir, ["rankers.0.kind=callable", "rankers.0.function=evil.py:score"])
+    config, resume = resolve(argparse.Namespace(resume=str(run_dir), modality=None, config=None, trust_run_code=True), [])
+    assert resume and config.rankers[0].function == "evil.py:score"
+    config, _ = resolve(argparse.Namespace(resume=str(run_dir), modality=None, config=None, trust_run_code=False),
+                        ["rankers.0.function=mine.py:score"])  # named on this command line: the user's own
+    assert config.rankers[0].function == "mine.py:score"

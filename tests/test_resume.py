@@ -65,7 +65,7 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model_dir,
     expected_completed = int(iteration) - 1 if int(iteration) > 0 else None
     assert completed == expected_completed
 
-    resumed = raft_run("--resume", str(run_dir))
+    resumed = raft_run("--resume", str(run_dir), "--trust-run-code")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics, iterations, samples = outcome(run_dir)
     assert iterations == ["iter-0000", "iter-0001", "iter-0002", "iter-0003"]  # none missing, none twice
@@ -98,7 +98,7 @@ def test_sigkill_at_an_arbitrary_moment_then_resume(uninterrupted, tiny_model_di
     completed = json.loads(state.read_text())["completed_iteration"] if state.exists() else None
     assert completed is None or completed < 3  # the kill landed mid-run
 
-    resumed = raft_run("--resume", str(run_dir)) if (run_dir / "config.yaml").exists() else raft_run(*overrides)
+    resumed = raft_run("--resume", str(run_dir), "--trust-run-code") if (run_dir / "config.yaml").exists() else raft_run(*overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert outcome(run_dir) == uninterrupted["full"]
 

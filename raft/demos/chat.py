@@ -173,8 +173,9 @@ def build_app(models: ChatModels, max_input_chars: int) -> gr.Blocks:
 
 
 def launch(run_path: str, base: str | None = None, host: str = "127.0.0.1", port: int | None = None,
-           max_input_chars: int = 500, max_new_tokens: int = 128, history_turns: int = 3, block: bool = True):
-    models = ChatModels(open_run(run_path, "text", base), max_new_tokens, history_turns)
+           max_input_chars: int = 500, max_new_tokens: int = 128, history_turns: int = 3, block: bool = True,
+           trust_run_code: bool = False):
+    models = ChatModels(open_run(run_path, "text", base, trust_run_code), max_new_tokens, history_turns)
     app = build_app(models, max_input_chars).queue(default_concurrency_limit=1)  # one generation at a time
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block)
     return app

@@ -6,11 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from raft.config import RaftConfig
+from raft.config import RaftConfig, to_dict
 from raft.errors import RaftError
-from raft.rundir import RunDirectory
+from raft.rundir import RunDirectory, refuse_saved_code
 
 
 @dataclass
@@ -33,9 +31,10 @@ class DemoRun:
         return line
 
 
-def open_run(path: str | Path, modality: str, base: str | None = None) -> DemoRun:
+def open_run(path: str | Path, modality: str, base: str | None = None, trust_run_code: bool = False) -> DemoRun:
     """A run directory (its latest checkpoint), a checkpoint inside one (its run's config), or a bare checkpoint
-    (text: a full model or a peft adapter; diffusion: a LoRA or a UNet), whose base is `base`."""
+    (text: a full model or a peft adapter; diffusion: a LoRA or a UNet), whose base is `base`. A run's config that
+    would run code (remote model code, ranker functions) is refused unless `trust_run_code`."""
     import raft
 
     path = Path(path).expanduser()
@@ -44,10 +43,12 @@ def open_run(path: str | Path, modality: str, base: str | None = None) -> DemoRu
     overrides = [f"model.name_or_path={base}"] if base else []
     for run_dir in (path, path.parent.parent):  # <run>/ or <run>/checkpoints/iter-NNNN/
         if (run_dir / "config.yaml").is_file():
-            saved = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("modality", "text")
+            data = RunDirectory(run_dir).saved_config()
+            saved = data.get("modality", "text")
             if saved != modality:
                 raise RaftError(f"--run: '{run_dir}' is a {saved} run, not {modality}")
             config = raft.load_config(modality, run_dir / "config.yaml", overrides)
+            refuse_saved_code(run_dir / "config.yaml", data, to_dict(config), trust_run_code)
             checkpoint = path if run_dir != path else RunDirectory(run_dir).latest_checkpoint()
             return DemoRun(config, checkpoint, run_dir)
 

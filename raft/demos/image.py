@@ -139,8 +139,9 @@ def build_app(models: ImageModels, max_prompt_chars: int, max_steps: int, steps:
 
 
 def launch(run_path: str, base: str | None = None, host: str = "127.0.0.1", port: int | None = None,
-           max_prompt_chars: int = 200, max_steps: int = 50, steps: int | None = None, block: bool = True):
-    models = ImageModels(open_run(run_path, "diffusion", base))
+           max_prompt_chars: int = 200, max_steps: int = 50, steps: int | None = None, block: bool = True,
+           trust_run_code: bool = False):
+    models = ImageModels(open_run(run_path, "diffusion", base, trust_run_code))
     app = build_app(models, max_prompt_chars, max_steps, steps).queue(default_concurrency_limit=1)
     # the run's grids live outside Gradio's working directory; allow serving them
     allowed = [str(models.run.run_dir)] if models.run.run_dir else None
