@@ -93,7 +93,7 @@ class TextGeneratorConfig(GeneratorConfig):
     prompts_per_request: int = option(
         8, "kind http, endpoint completions: prompts per request (chat requests hold one prompt each).")
     max_concurrency: int = option(4, "kind http: requests in flight at once.")
-    timeout_s: float = option(60.0, "kind http: seconds to wait for the server on each attempt.")
+    timeout_s: float = option(60.0, "kind http: seconds one attempt may take in all (connecting, sending, the whole answer).")
     max_retries: int = option(
         3, "kind http: retries of a request after a timeout, a refused connection, HTTP 429 or 5xx; then the run "
         "stops with the error.")
@@ -331,6 +331,11 @@ class TextRaftConfig(RaftConfig):
                 _check(bool(g.url) and g.url.startswith(("http://", "https://")), f"{where}.url",
                        "is required by kind http: the API's base URL, e.g. http://127.0.0.1:8000/v1")
                 _check(bool(g.model), f"{where}.model", "is required by kind http: the model name the server expects")
+                from raft.generators.openai_http import url_credentials
+
+                secret = url_credentials(g.url)
+                _check(secret is None, f"{where}.url", f"must not hold credentials ({secret}): config.yaml and every "
+                       "sample record it; put the key in an environment variable named by api_key_env")
                 _check(g.prompts_per_request >= 1, f"{where}.prompts_per_request", "must be >= 1")
                 _check(g.max_concurrency >= 1, f"{where}.max_concurrency", "must be >= 1")
                 _check(g.timeout_s > 0, f"{where}.timeout_s", "must be > 0")

@@ -1,0 +1,128 @@
+"""Fault injection (issue 15): concurrent launches on one run directory, a full disk during a commit, corrupt state
+files, an evil HTTP server, bomb images and a hanging ranker. Each shows the failure is one line and nothing finished
+is lost. (Kills during every stage: tests/test_resume.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from raft.errors import RaftError
+from raft.generators import OpenAICompatibleSampler, SamplingSettings
+
+from openai_server import TinyOpenAIServer
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-fault-0123456789abcdef"
+PROMPTS = ["the film was", "a dull plot"]
+
+
+# ---- an evil HTTP server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    with TinyOpenAIServer(tiny_model_dir, model_name="tiny", api_key=KEY) as running:
+        yield running
+
+
+@pytest.fixture
+def evil(server):
+    server.reset()
+    yield server
+    server.reset()
+
+
+@pytest.fixture
+def elsewhere():
+    """Another host (by name: localhost, not 127.0.0.1) that records the Authorization headers it gets."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"choices": []}')
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    yield f"http://localhost:{http.server_address[1]}", seen
+    http.shutdown()
+    http.server_close()
+
+
+def sampler(server, **kwargs):
+    settings = dict(url=server.url, model="tiny", sampling=SamplingSettings(max_new_tokens=4), api_key=KEY,
+                    max_retries=0, retry_backoff_s=0.01, timeout_s=60, progress=False)
+    return OpenAICompatibleSampler(**{**settings, **kwargs})
+
+
+def test_a_redirect_to_another_host_is_not_followed_with_the_key(evil, elsewhere):
+    target, seen = elsewhere
+    evil.evil, evil.redirect_to = "redirect", f"{target}/v1/chat/completions"
+    with pytest.raises(RaftError, match=r"answered HTTP 302, a redirect to another host \(http://localhost:\d+/v1"):
+        sampler(evil).generate(PROMPTS[:1], 1, seed=0)
+    assert seen == []  # the other host got no request, so no key
+
+
+def test_a_server_that_drips_its_answer_times_out_as_a_whole(evil):
+    evil.evil = "drip"
+    started = time.perf_counter()
+    with pytest.raises(RaftError, match=r"no answer within timeout_s \(0.5 s\)"):
+        sampler(evil, timeout_s=0.5).generate(PROMPTS[:1], 1, seed=0)
+    assert time.perf_counter() - started < 3  # not the 20 s the drip lasts
+
+
+def test_a_huge_answer_is_refused(evil):
+    evil.evil = "huge"
+    with pytest.raises(RaftError, match=r"answered more than the 1,048,576 bytes allowed"):
+        sampler(evil, max_response_bytes=2**20).generate(PROMPTS[:1], 1, seed=0)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("indices", r"answered choice indices \[0, 0\], not each of 0..1 once"),
+    ("html", r"answered Content-Type 'text/html', not JSON"),
+])
+def test_wrong_choice_indices_and_content_types_are_refused(evil, how, message):
+    evil.evil = how
+    with pytest.raises(RaftError, match=message):
+        sampler(evil).generate(PROMPTS[:1], 2, seed=0)
+
+
+def test_a_key_over_plain_http_to_another_host_is_warned_about(evil, capsys):
+    sampler(evil)  # loopback: no warning
+    assert "warning" not in capsys.readouterr().err
+    sampler(evil, url="http://api.example.com/v1")
+    assert "sends its API key over plain http to api.example.com" in capsys.readouterr().err
+    sampler(evil, url="https://api.example.com/v1")
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_credentials_in_urls_are_never_written(evil):
+    import raft
+
+    port = evil.url.split(":")[2].split("/")[0]
+    url = f"http://user:hunter2@127.0.0.1:{port}/v1?api_key=SECRET1&v=2"
+    evil.failures = [400]
+    with pytest.raises(RaftError) as caught:
+        sampler(evil, url=url).generate(PROMPTS[:1], 1, seed=0)
+    message = str(caught.value)
+    assert "hunter2" not in message and "SECRET1" not in message and "user:***@" in message
+    assert "hunter2" not in repr(sampler(evil, url=url))
+    with pytest.raises(RaftError, match=r"generators.0.url must not hold credentials \(user:password@\)"):
+        raft.load_config("text", overrides=[f"generators=[{{kind: http, url: '{url}', model: m}}]"])
