@@ -302,3 +302,28 @@ def test_trust_run_code_or_a_setting_given_anew_lets_a_resume_through(tmp_path):
     config, _ = resolve(argparse.Namespace(resume=str(run_dir), modality=None, config=None, trust_run_code=False),
                         ["rankers.0.function=mine.py:score"])  # named on this command line: the user's own
     assert config.rankers[0].function == "mine.py:score"
+
+
+# ---- item 6: diffusion trains at the model's (or generation.resolution's) size, whatever the kept images' size
+
+
+def test_diffusion_trains_at_the_sampling_resolution_not_the_first_images_size(tiny_sd_dir):
+    pytest.importorskip("diffusers")
+    from PIL import Image
+
+    from raft.interface import Sample
+    from raft.modalities.diffusion.config import DiffusionFinetuneConfig, DiffusionLoraConfig, DiffusionModelConfig
+    from raft.modalities.diffusion.finetune import DiffusionFineTuner
+    from raft.modalities.diffusion.model import load_policy
+
+    policy = load_policy(DiffusionModelConfig(name_or_path=str(tiny_sd_dir), device="cpu"), DiffusionLoraConfig(),
+                         None, seed=0)
+    size, scale = policy.default_resolution(), policy.pipeline.vae_scale_factor
+    kept = [Sample(prompt_index=i, prompt="a red circle", output=Image.new("RGB", shape, (200, 10, 10)))
+            for i, shape in enumerate([(4 * size, 4 * size), (size, size), (3 * size, size)])]  # file images
+    for resolution, expected in [(None, size), (2 * size, 2 * size)]:
+        tuner = DiffusionFineTuner(policy, DiffusionFinetuneConfig(epochs=1, batch_size=3), None, progress=False,
+                                   resolution=resolution)
+        moments, _ = tuner.encode(kept)
+        assert tuple(moments.shape[-2:]) == (expected // scale, expected // scale)
+    assert tuner.finetune(kept, seed=0)["train/steps"] == 1
