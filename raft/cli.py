@@ -41,8 +41,9 @@ selection.diversity.*, finetune.replay, guard.*); raft_undefended the same with 
 `raft run finetune.objective=rrhf selection.strategy=all`, defences off, as published."""
 
 DEMO_USAGE = """raft demo chat --run DIR [--base MODEL] [--host H] [--port P] [--max-input-chars N] [--max-new-tokens N]
-                      [--history-turns N]
+                      [--history-turns N] [--auth USER:PASSWORD|@FILE] [--max-queue N] [--trust-run-code]
        raft demo image --run DIR [--base MODEL] [--host H] [--port P] [--max-prompt-chars N] [--steps N] [--max-steps N]
+                       [--auth USER:PASSWORD|@FILE] [--max-queue N] [--trust-run-code]
 
 Serves a Gradio app on http://HOST:PORT (default 127.0.0.1, the first free port from 7860) comparing the base model
 with the aligned one on the same input, each output scored by the run's rankers. DIR is a run directory (its latest
@@ -51,7 +52,11 @@ a bare checkpoint (a full model, a peft adapter or a diffusers LoRA) with --base
 chat: both replies stream side by side; messages longer than --max-input-chars (500) are refused with a message,
 replies stop at --max-new-tokens (128), the models see the last --history-turns (3) exchanges. image: base and
 aligned images from the same seed, the run's per-iteration grids and reward curve; prompts are limited to
---max-prompt-chars (200) and denoising to --max-steps (50); --steps sets the default (the run's)."""
+--max-prompt-chars (200) and denoising to --max-steps (50); --steps sets the default (the run's). Nothing of the run
+directory is served but the images shown; no share link is made and gradio's telemetry is off. Another --host than
+127.0.0.1 is warned about: add --auth (a login; @FILE keeps the password out of ps). At most --max-queue (8) requests
+wait; more are turned away. A run whose config names code (a ranker function, remote model code) needs
+--trust-run-code."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +112,8 @@ def _main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=positive, default=None)
     demo.add_argument("--max-steps", type=positive, default=50)
     demo.add_argument("--trust-run-code", action="store_true")
+    demo.add_argument("--auth", default=None, metavar="USER:PASSWORD|@FILE")
+    demo.add_argument("--max-queue", type=positive, default=8)
     show_parser = commands.add_parser("config", help="print the resolved config as YAML (nothing runs)")
     show_parser.add_argument("--modality", default=None)
     show_parser.add_argument("--config", default=None)
@@ -177,18 +184,22 @@ def run_baseline(args: argparse.Namespace, overrides: list[str], argv: list[str]
 def run_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise RaftError(f"unexpected argument '{overrides[0]}' (see raft demo --help)")
+    from raft.demos.common import parse_auth
+
+    auth = parse_auth(args.auth)
     try:
         if args.app == "chat":
             from raft.demos.chat import launch
 
             launch(args.run, args.base, args.host, args.port, max_input_chars=args.max_input_chars,
                    max_new_tokens=args.max_new_tokens, history_turns=args.history_turns,
-                   trust_run_code=args.trust_run_code)
+                   trust_run_code=args.trust_run_code, auth=auth, max_queue=args.max_queue)
         else:
             from raft.demos.image import launch
 
             launch(args.run, args.base, args.host, args.port, max_prompt_chars=args.max_prompt_chars,
-                   max_steps=args.max_steps, steps=args.steps, trust_run_code=args.trust_run_code)
+                   max_steps=args.max_steps, steps=args.steps, trust_run_code=args.trust_run_code, auth=auth,
+                   max_queue=args.max_queue)
     except ModuleNotFoundError as error:
         if error.name != "gradio":
             raise

@@ -327,3 +327,74 @@ def test_diffusion_trains_at_the_sampling_resolution_not_the_first_images_size(t
         moments, _ = tuner.encode(kept)
         assert tuple(moments.shape[-2:]) == (expected // scale, expected // scale)
     assert tuner.finetune(kept, seed=0)["train/steps"] == 1
+
+
+# ---- item 7: the image demo serves the images it shows, nothing else
+
+
+def _http_get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_the_image_demo_serves_no_file_of_the_run_directory(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    pytest.importorskip("gradio")
+    from PIL import Image
+
+    import raft
+    from raft.config import dump_yaml
+    from raft.demos.image import launch
+    from tiny_diffusion import tiny_diffusion_overrides
+
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_diffusion_overrides(tiny_sd_dir, tiny_clip_dir, run_dir) if o not in ("--modality", "diffusion")]
+    (run_dir / "iterations/iter-0000").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(raft.load_config("diffusion", overrides=overrides)))
+    Image.new("RGB", (40, 20), (0, 255, 0)).save(run_dir / "iterations/iter-0000/eval_grid.png")
+    (run_dir / "checkpoints/iter-0001").mkdir(parents=True)
+    (run_dir / "checkpoints/iter-0001/optimizer.pt").write_bytes(b"secret optimizer state")
+
+    app = launch(str(run_dir), max_steps=3, block=False)
+    try:
+        assert app.share is False and app.analytics_enabled is False
+        assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+        base = app.local_url.rstrip("/")
+        status, config = _http_get(f"{base}/config")
+        assert status == 200 and str(run_dir).encode() not in config  # the grid is gradio's own copy
+        for name in ("config.yaml", "checkpoints/iter-0001/optimizer.pt", "iterations/iter-0000/eval_grid.png"):
+            for route in ("gradio_api/file=", "file="):
+                status, body = _http_get(f"{base}/{route}{run_dir / name}")
+                assert status != 200 and b"secret" not in body, (route, name, status)
+    finally:
+        app.close()
+
+
+def test_demos_launch_without_share_links_with_a_bounded_queue_and_warn_beyond_loopback(capsys, tmp_path):
+    from raft.demos.common import parse_auth, serve
+    from raft.errors import RaftError
+
+    class App:
+        def queue(self, **options):
+            self.queued = options
+
+        def launch(self, **options):
+            self.launched = options
+
+    app = serve(App(), "127.0.0.1", None, False, None, 5)
+    assert app.launched["share"] is False and app.queued["max_size"] == 5 and app.queued["default_concurrency_limit"] == 1
+    assert "warning" not in capsys.readouterr().err
+    app = serve(App(), "0.0.0.0", None, False, ("u", "p"), 5)
+    assert app.launched["auth"] == ("u", "p") and app.launched["server_name"] == "0.0.0.0"
+    assert "the demo listens on 0.0.0.0" in capsys.readouterr().err
+
+    secret = tmp_path / "auth"
+    secret.write_text("alice:s3cret\n")
+    assert parse_auth(f"@{secret}") == ("alice", "s3cret") and parse_auth("bob:pw") == ("bob", "pw")
+    with pytest.raises(RaftError, match="--auth must be USER:PASSWORD"):
+        parse_auth("nopassword")

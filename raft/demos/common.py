@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +77,35 @@ def bare_checkpoint(path: Path, modality: str, base: str | None) -> tuple[bool, 
         raise RaftError(f"--run: '{path}' is a bare checkpoint; pass --base with the model it was trained from")
     return lora, base
 
+
+
+def parse_auth(raw: str | None) -> tuple[str, str] | None:
+    """--auth USER:PASSWORD, or --auth @FILE whose first line is USER:PASSWORD (kept out of `ps` and shell history)."""
+    if raw is None:
+        return None
+    text = raw
+    if raw.startswith("@"):
+        try:
+            content = Path(raw[1:]).expanduser().read_text()
+        except OSError as error:
+            raise RaftError(f"--auth: cannot read '{raw[1:]}': {error.strerror or error}") from None
+        text = content.splitlines()[0] if content.strip() else ""
+    user, sep, password = text.strip().partition(":")
+    if not sep or not user or not password:
+        raise RaftError("--auth must be USER:PASSWORD or @FILE holding USER:PASSWORD, both non-empty")
+    return user, password
+
+
+def serve(app, host: str, port: int | None, block: bool, auth: tuple[str, str] | None, max_queue: int):
+    """Launches a demo's app: never a public share link, telemetry off (raft/demos/__init__.py), at most `max_queue`
+    requests waiting, one generation at a time, and a warning when it listens beyond this machine."""
+    from raft.generators.openai_http import is_loopback
+
+    if not is_loopback(host):
+        print(f"raft: warning: the demo listens on {host}: anyone who can reach this machine can use its models"
+              f"{' (with the --auth password)' if auth else '; pass --auth to ask for a password'}",
+              file=sys.stderr, flush=True)
+    app.queue(default_concurrency_limit=1, max_size=max_queue, api_open=False)
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False, auth=auth,
+               max_threads=8, enable_monitoring=False, show_error=False)
+    return app
