@@ -107,7 +107,7 @@ def _main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=positive, default=None)
     demo.add_argument("--max-input-chars", type=positive, default=500)
     demo.add_argument("--max-new-tokens", type=positive, default=128)
-    demo.add_argument("--history-turns", type=int, default=3)
+    demo.add_argument("--history-turns", type=non_negative, default=3)
     demo.add_argument("--max-prompt-chars", type=positive, default=200)
     demo.add_argument("--steps", type=positive, default=None)
     demo.add_argument("--max-steps", type=positive, default=50)
@@ -216,6 +216,16 @@ def positive(raw: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got '{raw}'") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got '{raw}'")
+    return value
+
+
+def non_negative(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got '{raw}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got '{raw}'")
     return value
 
 

@@ -8,6 +8,7 @@ a setting, its default and its documentation live; `raft run --help` prints it. 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ class RaftConfig:
     def validate(self) -> None:
         """Range checks that types alone cannot express; subclasses extend it."""
         self._validate_defences()
+        _check(self.seed >= 0, "seed", "must be >= 0")
         _check(self.iterations >= 0, "iterations", "must be >= 0")
         _check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
@@ -197,6 +199,12 @@ class RaftConfig:
                 _check(0 < bound <= 1, f"guard.{name}", "must be in (0, 1]")
             else:
                 _check(bound > 0, f"guard.{name}", "must be > 0")
+
+
+def check_ranker_weights(rankers: list) -> None:
+    """Weights are finite (the loader checks that) and not all 0: a reward of 0 for everything ranks nothing."""
+    _check(not rankers or any(r.weight != 0 for r in rankers), "rankers",
+           "weights are all 0: no sample would rank above another")
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -330,13 +338,18 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 2e-5 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 2e-5 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no setting means anything at NaN or infinity (null turns bounds off)
+                raise ConfigError(f"config: {name} must be a finite number, got {_show(value)}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

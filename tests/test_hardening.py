@@ -398,3 +398,45 @@ def test_demos_launch_without_share_links_with_a_bounded_queue_and_warn_beyond_l
     assert parse_auth(f"@{secret}") == ("alice", "s3cret") and parse_auth("bob:pw") == ("bob", "pw")
     with pytest.raises(RaftError, match="--auth must be USER:PASSWORD"):
         parse_auth("nopassword")
+
+
+# ---- Low: values that mean nothing are refused before anything loads
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "config: seed must be >= 0"),
+    ("generators=[{kind: policy, share: .inf}]", "config: generators.0.share must be a finite number, got inf"),
+    ("finetune.max_seq_length=0", "config: finetune.max_seq_length must be >= 2"),
+    ("finetune.max_grad_norm=.nan", "config: finetune.max_grad_norm must be a finite number, got nan"),
+    ("rankers.0.weight=.nan", "config: rankers.0.weight must be a finite number, got nan"),
+    ("rankers.0.weight=0", "config: rankers weights are all 0"),
+    ("eval.seed=-3", "config: eval.seed must be >= 0"),
+])
+def test_meaningless_values_are_refused_up_front(override, message):
+    import raft
+    from raft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        raft.load_config("text", overrides=[override])
+
+
+def test_history_turns_below_zero_is_refused(capsys):
+    from raft.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "chat", "--run", ".", "--history-turns", "-1"])
+    assert "--history-turns: must be >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_max_new_tokens_beyond_the_models_context_is_refused_before_any_sampling(tiny_model_dir, prompt_file,
+                                                                                 tmp_path):
+    import raft
+    from raft.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    config = raft.load_config("text", overrides=tiny_overrides(tiny_model_dir, prompt_file, run_dir) + [
+        "generation.max_new_tokens=600"])  # the tiny model holds 512 positions
+    with pytest.raises(ConfigError, match=r"generation.max_new_tokens \(600 tokens\) must be below the model's "
+                                          r"context \(512 tokens\)"):
+        raft.run(config)
+    assert not run_dir.exists()  # nothing written

@@ -31,6 +31,7 @@ class TextModality(Modality):
         replay = config.finetune.replay
         replay_texts = load_replay_texts(replay.texts, replay.field, config.data) if replay.share > 0 else []
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
+        check_context(config, policy.model.config)
         finetuner_class = RrhfFineTuner if config.finetune.objective == "rrhf" else TextFineTuner
         eval_generation = config.generation
         if config.eval.temperature is not None:
@@ -56,3 +57,16 @@ class TextModality(Modality):
             eval_best_of_n=config.eval.best_of_n,
             eval_seed=config.eval.seed,
         )
+
+
+def check_context(config: TextRaftConfig, model_config) -> None:
+    """Refuses, before anything runs, a generation budget the model's context cannot hold."""
+    from raft.errors import ConfigError
+
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    r = config.generation.max_new_tokens_range
+    longest, field = ((r[1] - 1, "generation.max_new_tokens_range") if r else
+                      (config.generation.max_new_tokens, "generation.max_new_tokens"))
+    if isinstance(context, int) and longest >= context:
+        raise ConfigError(f"config: {field} ({longest} tokens) must be below the model's context ({context} tokens), "
+                          f"which also holds the prompt")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
 from raft.config import (DiversityConfig, GeneratorConfig, KLConfig, RaftConfig, SelectionConfig, _check,
-                         check_generators, option)
+                         check_generators, check_ranker_weights, option)
 
 
 @dataclass
@@ -298,6 +298,7 @@ class TextRaftConfig(RaftConfig):
                "must be [low, high) with 1 <= low < high")
         self._validate_generators()
         _check(bool(self.rankers), "rankers", "must list at least one ranker")
+        check_ranker_weights(self.rankers)
         for i, ranker in enumerate(self.rankers):
             _check(ranker.kind != "classifier" or bool(ranker.model), f"rankers.{i}.model", "is required by kind classifier")
             _check(ranker.kind != "callable" or bool(ranker.function), f"rankers.{i}.function", "is required by kind callable")
@@ -310,6 +311,10 @@ class TextRaftConfig(RaftConfig):
                "finetune.gradient_accumulation_steps", "must be >= 1 and divide finetune.batch_size")
         _check(f.lora.r >= 1, "finetune.lora.r", "must be >= 1")
         _check(f.rrhf_weight >= 0, "finetune.rrhf_weight", "must be >= 0")
+        _check(f.max_seq_length >= 2, "finetune.max_seq_length", "must be >= 2 (a prompt token and a response token)")
+        _check(f.max_grad_norm >= 0, "finetune.max_grad_norm", "must be >= 0 (0: no clipping)")
+        _check(f.weight_decay >= 0, "finetune.weight_decay", "must be >= 0")
+        _check(self.eval.seed >= 0, "eval.seed", "must be >= 0")
         several = self.selection.strategy in ("all", "threshold") or (
             self.selection.strategy == "local" and self.selection.keep_per_prompt > 1)
         _check(f.objective != "rrhf" or several,
