@@ -205,6 +205,32 @@ def iteration_name(iteration: int) -> str:
 _HELD: dict[str, list] = {}  # realpath -> [lock file descriptor, depth]: this process's locks (re-entrant)
 
 
+def _reason(error: Exception) -> str:
+    return getattr(error, "msg", None) or " ".join(str(error).split())[:120] or type(error).__name__
+
+
+def read_jsonl(path: Path, require: tuple[str, ...] = (), what: str = "") -> list[dict]:
+    """The JSON objects of a .jsonl file; a line that is not one (a truncated write, a hand edit) stops the run in one
+    line naming the file and the line."""
+    rows = []
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise RaftError(f"{what}'{path}' is not UTF-8 text") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise RaftError(f"{what}'{path}' line {number} is not valid JSON ({_reason(error)})") from None
+        if not isinstance(row, dict) or any(key not in row for key in require):
+            raise RaftError(f"{what}'{path}' line {number} is not a JSON object"
+                            f"{' with ' + ', '.join(require) if require else ''}")
+        rows.append(row)
+    return rows
+
+
 def _short(value: Any) -> str:
     text = json.dumps(jsonable(value), ensure_ascii=False)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -373,17 +399,28 @@ class RunDirectory:
     @property
     def completed_iteration(self) -> int | None:
         """The last iteration committed to disk (0: only the starting evaluation), or None."""
-        state = self.path / "state.json"
-        if not state.is_file():
-            return None
-        return int(json.loads(state.read_text())["completed_iteration"])
+        state = self._state()
+        return None if not state else state["completed_iteration"]
 
     def checkpoint_dir(self, iteration: int) -> Path:
         return self.path / "checkpoints" / iteration_name(iteration)
 
     def _state(self) -> dict:
-        state = self.path / "state.json"
-        return json.loads(state.read_text()) if state.is_file() else {}
+        """state.json ({} before the first commit); one line naming it when it is not what raft writes."""
+        path = self.path / "state.json"
+        if not path.is_file():
+            return {}
+        try:
+            state = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise RaftError(f"'{path}' is corrupt ({_reason(error)}); it marks the last completed iteration: restore "
+                            f"it from a backup or start a new run") from None
+        numbers = [state.get(key) for key in ("completed_iteration", "checkpoint_iteration") if isinstance(state, dict)]
+        if not isinstance(state, dict) or not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+                                                   for v in numbers) or numbers[0] is None:
+            raise RaftError(f"'{path}' is corrupt (no completed_iteration >= 0); it marks the last completed "
+                            f"iteration: restore it from a backup or start a new run")
+        return state
 
     def latest_checkpoint(self) -> Path | None:
         """The checkpoint of the run's model: the last completed iteration's, unless the collapse guard rolled
@@ -401,7 +438,7 @@ class RunDirectory:
         path = self.path / "metrics.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(path, require=("iteration",))
 
     def discard_unfinished(self) -> None:
         """Remove what an interrupted iteration left behind (anything past the commit point)."""

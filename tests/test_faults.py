@@ -126,3 +126,53 @@ def test_credentials_in_urls_are_never_written(evil):
     assert "hunter2" not in repr(sampler(evil, url=url))
     with pytest.raises(RaftError, match=r"generators.0.url must not hold credentials \(user:password@\)"):
         raft.load_config("text", overrides=[f"generators=[{{kind: http, url: '{url}', model: m}}]"])
+
+
+# ---- the run directory: concurrent launches, a full disk, corrupt state files
+
+
+def raft_cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "raft", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def one_line_error(result, needle):
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("raft: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def rows_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("state.json:garbage{", "state.json' is corrupt (Expecting value); it marks the last completed iteration"),
+    ("state.json:{\"completed_iteration\": \"two\"}", "state.json' is corrupt (no completed_iteration >= 0)"),
+    ("metrics.jsonl:TRUNCATE", "metrics.jsonl' line 2 is not valid JSON"),
+    ("config.yaml:", "config.yaml' is corrupt: empty"),
+    ("config.yaml:[1, 2]", "config.yaml' is corrupt: not a mapping of settings"),
+])
+def test_corrupt_state_files_are_one_line_and_left_as_they_are(tiny_model_dir, prompt_file, tmp_path, damage,
+                                                               message):
+    from conftest import tiny_overrides
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    import raft
+    from raft.config import dump_yaml
+
+    config = raft.load_config("text", overrides=tiny_overrides(tiny_model_dir, prompt_file, run_dir))
+    (run_dir / "config.yaml").write_text(dump_yaml(config))
+    (run_dir / "state.json").write_text('{"completed_iteration": 1}\n')
+    (run_dir / "metrics.jsonl").write_text('{"iteration": 0}\n{"iteration": 1}\n')
+    (run_dir / "checkpoints/iter-0001").mkdir(parents=True)
+    name, _, content = damage.partition(":")
+    if content == "TRUNCATE":
+        content = '{"iteration": 0}\n{"iterat'
+    (run_dir / name).write_text(content)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    one_line_error(raft_cli("run", "--resume", str(run_dir), "--trust-run-code"), message)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing removed or rewritten
