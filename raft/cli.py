@@ -143,6 +143,14 @@ def _main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raft: interrupted; completed iterations are kept (resume with --resume RUN_DIR)", file=sys.stderr)
         return 130
+    except OSError as error:
+        import errno
+
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"raft: error: disk full ({error.strerror}{': ' + str(error.filename) if error.filename else ''}); "
+              f"completed iterations are kept: free space, then resume with --resume RUN_DIR", file=sys.stderr)
+        return 2
 
 
 def run_baseline(args: argparse.Namespace, overrides: list[str], argv: list[str]) -> int:

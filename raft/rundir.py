@@ -466,7 +466,17 @@ class RunDirectory:
         keep_checkpoints: int,
         before_commit: Callable[[], None] = lambda: None,
     ) -> None:
-        """Write iteration `iteration` (its files, checkpoint, metrics row), then mark it complete."""
+        """Write iteration `iteration` (its files, checkpoint, metrics row), then mark it complete. A full disk stops
+        the run in one line; what was written of this iteration is removed, the completed iterations stay."""
+        try:
+            self._commit(iteration, write_files, metrics_row, save_checkpoint, keep_checkpoints, before_commit)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise RaftError(f"disk full while writing iteration {iteration} to '{self.path}' ({error.strerror}); "
+                            f"the completed iterations are intact: free space, then --resume {self.path}") from None
+
+    def _commit(self, iteration, write_files, metrics_row, save_checkpoint, keep_checkpoints, before_commit) -> None:
         self._write_folder(self.path / "iterations" / iteration_name(iteration), write_files)
         if save_checkpoint is not None:
             self._write_folder(self.checkpoint_dir(iteration), save_checkpoint)

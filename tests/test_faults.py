@@ -148,6 +148,38 @@ def rows_of(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_a_full_disk_during_a_commit_is_one_line_and_loses_nothing_finished(tiny_model_dir, prompt_file, tmp_path,
+                                                                              monkeypatch, one_thread):
+    import errno
+
+    import raft
+    import raft.rundir as rundir
+    from conftest import tiny_overrides
+
+    real = rundir._fsync_tree
+
+    def full_at_iteration_2(root):
+        if root.name.startswith("iter-0002"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(root)
+
+    monkeypatch.setattr(rundir, "_fsync_tree", full_at_iteration_2)
+    run_dir = tmp_path / "run"
+    config = raft.load_config("text", overrides=tiny_overrides(tiny_model_dir, prompt_file, run_dir))
+    with pytest.raises(RaftError, match=r"disk full while writing iteration 2 to .*; the completed iterations are "
+                                        r"intact: free space, then --resume"):
+        raft.run(config)
+    assert json.loads((run_dir / "state.json").read_text()) == {"completed_iteration": 1}
+    assert [r["iteration"] for r in rows_of(run_dir)] == [0, 1]
+    assert (run_dir / "checkpoints/iter-0001/model.safetensors").is_file()
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name or p.name == "iter-0002"]
+    assert not (run_dir / ".lock").exists()
+
+    monkeypatch.setattr(rundir, "_fsync_tree", real)  # space freed
+    raft.run(raft.load_config("text", run_dir / "config.yaml"), resume=True)
+    assert [r["iteration"] for r in rows_of(run_dir)] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("damage, message", [
     ("state.json:garbage{", "state.json' is corrupt (Expecting value); it marks the last completed iteration"),
     ("state.json:{\"completed_iteration\": \"two\"}", "state.json' is corrupt (no completed_iteration >= 0)"),
