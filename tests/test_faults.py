@@ -148,6 +148,47 @@ def rows_of(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+WAITING_RANKER = '''
+import os, pathlib, time
+
+def score(prompts, outputs):
+    pathlib.Path(os.environ["RAFT_TEST_STARTED"]).touch()
+    while not pathlib.Path(os.environ["RAFT_TEST_GO"]).exists():
+        time.sleep(0.05)
+    return [sum(c in "aeiou" for c in o) / max(1, len(o)) for o in outputs]
+'''
+
+
+def test_a_second_launch_on_a_busy_run_directory_is_refused_and_the_first_finishes(tiny_model_dir, prompt_file,
+                                                                                    tmp_path):
+    from conftest import tiny_overrides
+
+    ranker = tmp_path / "waiting.py"
+    ranker.write_text(WAITING_RANKER)
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tiny_model_dir, prompt_file, run_dir) + [f"rankers.0.function={ranker}:score"]
+    env = {"RAFT_TEST_STARTED": str(tmp_path / "started"), "RAFT_TEST_GO": str(tmp_path / "go"),
+           "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-m", "raft", "run", *overrides], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "started").exists():  # the first run is ranking its starting evaluation
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:] if first.poll() else ""
+            time.sleep(0.2)
+        again = raft_cli("run", *overrides, env=env)  # a double launch
+        one_line_error(again, f"run directory '{run_dir}' is in use by pid {first.pid} on host")
+        resumed = raft_cli("run", "--resume", str(run_dir), "--trust-run-code", env=env)  # a requeue of the same job
+        one_line_error(resumed, f"is in use by pid {first.pid}")
+    finally:
+        (tmp_path / "go").touch()
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert json.loads((run_dir / "state.json").read_text()) == {"completed_iteration": 2}
+    assert [r["iteration"] for r in rows_of(run_dir)] == [0, 1, 2]
+    assert (run_dir / "checkpoints/iter-0002").is_dir() and not (run_dir / ".lock").exists()
+
+
 def test_a_full_disk_during_a_commit_is_one_line_and_loses_nothing_finished(tiny_model_dir, prompt_file, tmp_path,
                                                                               monkeypatch, one_thread):
     import errno
