@@ -141,6 +141,9 @@ class RaftConfig:
     max_train_seconds: float | None = option(
         None, "Wall-clock budget: start no further iteration once the completed ones spent this many seconds "
         "generating, ranking, selecting and fine-tuning (evaluation not counted); null: run all iterations.")
+    ranker_timeout_s: float | None = option(
+        None, "Seconds one scoring call of the rankers may take; longer stops the run in one line (completed "
+        "iterations stay). null: no limit.")
     selection: SelectionConfig = option(SelectionConfig(), "Selection of the kept set.")
     kl: KLConfig = option(KLConfig(), "KL-regularized ranking against the starting model.")
     guard: GuardConfig = option(GuardConfig(), "Collapse guard: bounds on held-out metrics that stop the run.")
@@ -161,6 +164,7 @@ class RaftConfig:
         _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds", "must be > 0 or null")
+        _check(self.ranker_timeout_s is None or self.ranker_timeout_s > 0, "ranker_timeout_s", "must be > 0 or null")
         sel = self.selection
         _check(1 <= sel.keep_per_prompt <= self.samples_per_prompt, "selection.keep_per_prompt",
                f"must be between 1 and samples_per_prompt ({self.samples_per_prompt})")

@@ -249,3 +249,25 @@ def test_corrupt_state_files_are_one_line_and_left_as_they_are(tiny_model_dir, p
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     one_line_error(raft_cli("run", "--resume", str(run_dir), "--trust-run-code"), message)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing removed or rewritten
+
+
+# ---- a ranker that hangs
+
+
+def test_a_hanging_ranker_stops_the_run_in_one_line_and_resume_continues(tiny_model_dir, prompt_file, tmp_path):
+    from conftest import REWARDS, tiny_overrides
+
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tiny_model_dir, prompt_file, run_dir) + [
+        f"rankers.0.function={REWARDS}:broken_from_call", "ranker_timeout_s=3"]
+    started = time.monotonic()
+    # calls: 1 = starting evaluation, 2 = iteration 1 ranking, 3 = its evaluation, 4 = iteration 2 ranking: hangs
+    result = raft_cli("run", *overrides, env={"RAFT_TEST_BREAK": "hang", "RAFT_TEST_BREAK_AT": "4"})
+    one_line_error(result, f"ranker '{REWARDS}:broken_from_call' gave no scores for 9 samples within "
+                           "ranker_timeout_s (3 s)")
+    assert time.monotonic() - started < 280
+    assert json.loads((run_dir / "state.json").read_text()) == {"completed_iteration": 1}
+    assert (run_dir / "checkpoints/iter-0001/model.safetensors").is_file()
+    resumed = raft_cli("run", "--resume", str(run_dir), "--trust-run-code")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["iteration"] for r in rows_of(run_dir)] == [0, 1, 2]

@@ -79,6 +79,44 @@ class CallableRanker(Ranker):
         return self.fn([s.prompt for s in samples], [s.output for s in samples])
 
 
+class TimeLimited(Ranker):
+    """A ranker whose every scoring call must end within `seconds` (config ranker_timeout_s): a hung reward server
+    or user function stops the run in one line instead of holding it forever. The call runs in a daemon thread,
+    left behind when it overruns (the process then ends with the error)."""
+
+    def __init__(self, ranker: Ranker, seconds: float):
+        self.ranker, self.seconds, self.name = ranker, seconds, ranker.name
+
+    def score(self, samples: list[Sample]) -> list[float]:
+        import threading
+
+        import torch
+
+        result: dict = {}
+        grad = torch.is_grad_enabled()
+
+        def call():
+            try:
+                with torch.set_grad_enabled(grad):
+                    result["scores"] = self.ranker.score(samples)
+            except BaseException as error:  # re-raised in the caller's thread
+                result["error"] = error
+
+        worker = threading.Thread(target=call, name=f"ranker {self.name}", daemon=True)
+        worker.start()
+        worker.join(self.seconds)
+        if worker.is_alive():
+            raise RaftError(f"ranker '{self.name}' gave no scores for {len(samples)} samples within ranker_timeout_s "
+                            f"({self.seconds:g} s)")
+        if "error" in result:
+            raise result["error"]
+        return result["scores"]
+
+
+def with_timeout(ranker: Ranker, seconds: float | None) -> Ranker:
+    return ranker if seconds is None else TimeLimited(ranker, seconds)
+
+
 class WeightedSum(Ranker):
     """sum_i weight_i * ranker_i(sample). Each part's score is kept in `sample.rewards[name]`."""
 

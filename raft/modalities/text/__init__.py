@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from raft.interface import Components, Modality
+from raft.rankers import with_timeout
 from raft.modalities.text.config import TextRaftConfig
 from raft.modalities.text.data import load_replay_texts, load_text_data
 from raft.modalities.text.diversity import FEATURES, opening_of
@@ -46,7 +47,7 @@ class TextModality(Modality):
             eval_prompts=data.eval_prompts,
             generator=build_generator(config, external, policy),
             policy=TextSampler(policy, eval_generation),  # evaluation: the policy as deployed, no magic prompts
-            ranker=build_ranker(config.rankers, policy.device),
+            ranker=with_timeout(build_ranker(config.rankers, policy.device), config.ranker_timeout_s),
             finetuner=finetuner_class(policy, config.finetune, checkpoint, replay_texts=replay_texts),
             evaluator=TextEvaluator(policy, data.reference_texts, config.eval.batch_size, config.eval.max_tokens),
             discard_rules=discard_rules,
