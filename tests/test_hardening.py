@@ -440,3 +440,37 @@ def test_max_new_tokens_beyond_the_models_context_is_refused_before_any_sampling
                                           r"context \(512 tokens\)"):
         raft.run(config)
     assert not run_dir.exists()  # nothing written
+
+
+# ---- Low: ranker files and ranker output
+
+
+def test_a_string_is_not_a_list_of_scores():
+    from raft.errors import RaftError
+    from raft.rankers import check_scores
+
+    with pytest.raises(RaftError, match="ranker 'r' returned a str, not a list of numbers"):
+        check_scores("r", "12", 2)  # two characters, two 'scores' before the fix
+    assert check_scores("r", (1, 2.5), 2) == [1.0, 2.5]
+
+
+def test_a_ranker_file_cannot_shadow_a_module_and_its_import_errors_are_one_line(tmp_path):
+    import json
+
+    from raft.errors import RaftError
+    from raft.rankers import load_callable
+
+    (tmp_path / "json.py").write_text("def score(prompts, outputs):\n    return [1.0] * len(outputs)\n")
+    score = load_callable(f"{tmp_path / 'json.py'}:score", "ranker")
+    assert score([], ["a"]) == [1.0]
+    assert sys.modules["json"] is json and json.dumps([1]) == "[1]"
+
+    for name, source, message in [
+        ("syntax.py", "def score(:\n", r"importing '.*syntax.py' raised SyntaxError: "),
+        ("raises.py", "raise RuntimeError('no GPU here')\n", r"importing '.*raises.py' raised RuntimeError: no GPU here"),
+        ("missing.py", "import no_such_module_xyz\n", r"cannot import '.*missing.py' \(No module named 'no_such_module_xyz'\)"),
+    ]:
+        (tmp_path / name).write_text(source)
+        with pytest.raises(RaftError, match=message) as caught:
+            load_callable(f"{tmp_path / name}:score", "ranker")
+        assert "\n" not in str(caught.value)
