@@ -271,3 +271,39 @@ def test_a_hanging_ranker_stops_the_run_in_one_line_and_resume_continues(tiny_mo
     resumed = raft_cli("run", "--resume", str(run_dir), "--trust-run-code")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["iteration"] for r in rows_of(run_dir)] == [0, 1, 2]
+
+
+# ---- images: bombs, huge ones, paths outside the table's folder
+
+
+def test_bomb_and_huge_images_and_paths_outside_the_folder_are_refused_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from raft.generators import FileSampler
+    from raft.modalities.diffusion import generators
+    from raft.modalities.diffusion.generators import ImageFileSampler
+
+    folder = tmp_path / "table"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "ok.png")
+    Image.new("L", (5000, 4000)).save(folder / "huge.png")  # 20 M pixels, a few kB on disk
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    rows = {"ok": "ok.png", "huge": "huge.png", "climbs": "../outside.png", "absolute": str(tmp_path / "outside.png")}
+    (folder / "samples.jsonl").write_text("".join(json.dumps({"prompt": p, "output": o}) + "\n" for p, o in rows.items()))
+
+    def sampler(allow=False):
+        table = FileSampler(str(folder / "samples.jsonl"), "prompt", "output", what="generators.0.path")
+        return ImageFileSampler(table, folder, allow_outside_paths=allow)
+
+    assert sampler().generate(["ok"], 1, seed=0)[0].output.size == (8, 8)
+    with pytest.raises(RaftError, match=r"huge.png' \(row 1\) is 5000 x 4000 pixels, more than the 16,777,216"):
+        sampler().generate(["huge"], 1, seed=0)
+    for prompt in ("climbs", "absolute"):
+        with pytest.raises(RaftError, match=r"outside.png' \(row \d\) is outside the file's folder .*allow_outside_paths"):
+            sampler().generate([prompt], 1, seed=0)
+        assert sampler(allow=True).generate([prompt], 1, seed=0)[0].output.size == (8, 8)
+    # PIL's own bomb check (a limit set lower here, to keep the test file small)
+    monkeypatch.setattr(generators, "MAX_IMAGE_PIXELS", 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10**6)
+    with pytest.raises(RaftError, match=r"huge.png' \(row 1\) is refused as a decompression bomb"):
+        sampler().generate(["huge"], 1, seed=0)

@@ -79,6 +79,9 @@ class DiffusionGeneratorConfig(GeneratorConfig):
         "output",
         "kind file: column holding the image path (`output` is what raft's samples.jsonl calls it); relative paths "
         "are read from the file's folder.")
+    allow_outside_paths: bool = option(
+        False, "kind file: accept image paths outside the file's folder (absolute, or climbing out with ..); off, "
+        "such a row stops the run in one line, so a table cannot make raft read any image on the machine.")
 
 
 @dataclass
