@@ -77,30 +77,43 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model_dir,
 
 @pytest.mark.parametrize("fraction", [0.6, 0.85])
 def test_sigkill_at_an_arbitrary_moment_then_resume(uninterrupted, tiny_model_dir, prompt_file, tmp_path, fraction):
-    """No hook: the process is killed from outside at some moment of its run, wherever it happens to be."""
+    """No hook: the process is killed from outside at some moment of its run, wherever it happens to be: `fraction`
+    of an iteration after iteration 1 was committed (timed on a first run), so the kill lands mid-run, which the
+    test checks."""
     import time
 
     run_dir = tmp_path / "run"
     overrides = [*tiny_overrides(tiny_model_dir, prompt_file, run_dir), "iterations=3"]
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "raft", "run", *overrides], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+
+    def launch():
+        process = subprocess.Popen([sys.executable, "-m", "raft", "run", *overrides], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        while completed_iteration(run_dir) != 1:  # committed iteration 1
+            assert process.poll() is None, "the run ended before committing iteration 1"
+            time.sleep(0.02)
+        return process, time.perf_counter()
+
+    process, committed = launch()
     process.wait(timeout=300)
-    duration = time.perf_counter() - started
+    per_iteration = (time.perf_counter() - committed) / 2  # iterations 2 and 3
     shutil_rmtree(run_dir)
 
-    process = subprocess.Popen([sys.executable, "-m", "raft", "run", *overrides], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    time.sleep(duration * fraction)
+    process, _ = launch()
+    time.sleep(per_iteration * fraction)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL  # killed, not finished before the signal
-    state = run_dir / "state.json"
-    completed = json.loads(state.read_text())["completed_iteration"] if state.exists() else None
-    assert completed is None or completed < 3  # the kill landed mid-run
+    assert completed_iteration(run_dir) in (1, 2)  # the kill landed mid-run
 
-    resumed = raft_run("--resume", str(run_dir), "--trust-run-code") if (run_dir / "config.yaml").exists() else raft_run(*overrides)
+    resumed = raft_run("--resume", str(run_dir), "--trust-run-code")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert outcome(run_dir) == uninterrupted["full"]
+
+
+def completed_iteration(run_dir):
+    try:
+        return json.loads((run_dir / "state.json").read_text())["completed_iteration"]
+    except (OSError, ValueError):
+        return None
 
 
 def shutil_rmtree(path):
