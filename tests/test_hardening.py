@@ -474,3 +474,33 @@ def test_a_ranker_file_cannot_shadow_a_module_and_its_import_errors_are_one_line
         with pytest.raises(RaftError, match=message) as caught:
             load_callable(f"{tmp_path / name}:score", "ranker")
         assert "\n" not in str(caught.value)
+
+
+# ---- Low: malformed JSONL, durable renames
+
+
+def test_malformed_jsonl_names_the_file_and_the_line(tmp_path):
+    from raft.errors import RaftError
+    from raft.generators import FileSampler
+    from raft.modalities.text.data import read_column
+
+    table = tmp_path / "samples.jsonl"
+    table.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": \n')
+    with pytest.raises(RaftError, match=rf"generators.0.path: '{table}' line 3 is not valid JSON \(Expecting value\)"):
+        FileSampler(str(table), what="generators.0.path")
+    table.write_text('{"prompt": "a"}\n["not", "an", "object"]\n')
+    with pytest.raises(RaftError, match=rf"data.prompts: '{table}' line 2 is not a JSON object"):
+        read_column(str(table), "prompt", "data.prompts")
+
+
+def test_renames_into_the_run_directory_are_made_durable(tmp_path, monkeypatch):
+    import raft.rundir as rundir
+
+    synced = []
+    monkeypatch.setattr(rundir, "fsync_dir", lambda folder: synced.append(Path(folder)))
+    rundir.atomic_write_text(tmp_path / "state.json", "{}")
+    assert synced == [tmp_path]
+    synced.clear()
+    rundir.RunDirectory(tmp_path)._write_folder(tmp_path / "iterations" / "iter-0001",
+                                                lambda folder: (folder / "a.jsonl").write_text("x"))
+    assert tmp_path / "iterations" in synced  # the folder that received the rename
