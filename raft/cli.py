@@ -13,14 +13,15 @@ from raft.config import describe, dump_yaml, load_config
 from raft.errors import RaftError
 
 USAGE = """raft run [--modality text|diffusion] [--config FILE.yaml] [--resume RUN_DIR [--allow-changed-settings]]
-                [key.sub=value ...]
+                [--trust-run-code] [key.sub=value ...]
 
 Runs RAFT: per iteration, sample K outputs for each of b prompts, score them, keep the best, fine-tune
 on them, evaluate on held-out prompts. Settings: the modality's defaults, then --config, then the
 key.sub=value overrides (YAML values: 3, 2e-5, true, null, [16, 48]). --resume continues the run in
 RUN_DIR after its last completed iteration, with its saved config; overrides may change only what cannot change
-what the finished iterations mean (iterations, max_train_seconds, keep_checkpoints, guard.*, model.device, the
-servers' timeouts and retries): anything else stops the resume in one line, unless --allow-changed-settings.
+what the finished iterations mean (iterations, max_train_seconds, keep_checkpoints, guard.*, model.device,
+ranker_timeout_s, the servers' timeouts and retries): anything else stops the resume in one line, unless
+--allow-changed-settings.
 Every change is recorded in RUN_DIR/resumes.jsonl. A run directory is data, not code: a saved config that would
 run code (model.trust_remote_code, rankers.N.trust_remote_code, a callable ranker's function) is refused unless
 --trust-run-code is given."""

@@ -117,7 +117,7 @@ def _fsync_tree(root: Path) -> None:
 # Settings a resume may change: they cannot change what the finished iterations mean (how many more to run,
 # budgets, where and how fast things run, the collapse guard's bounds, which README says --resume re-checks).
 RESUMABLE_CHANGES = (
-    "iterations", "max_train_seconds", "keep_checkpoints", "run_dir", "guard.*", "model.device",
+    "iterations", "max_train_seconds", "keep_checkpoints", "run_dir", "guard.*", "model.device", "ranker_timeout_s",
     "finetune.gradient_checkpointing", "generators.*.max_concurrency", "generators.*.timeout_s",
     "generators.*.max_retries", "generators.*.retry_backoff_s", "generators.*.api_key_env",
 )
