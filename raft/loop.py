@@ -79,6 +79,7 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
             "reward/all_mean": mean(s.reward for s in samples),
             "reward/selected_mean": mean(s.reward for s in selected),
             "selection/passed_over": sum(1 for s in samples if s.meta.get("not_kept")),
+            "samples/prompt_cut": sum(1 for s in samples if s.meta.get("prompt_tokens_cut")),
             **kl_metrics,
             **({"kl/selected_mean": mean(s.kl for s in selected)} if kl_metrics else {}),
             **train_metrics,

@@ -504,3 +504,38 @@ def test_renames_into_the_run_directory_are_made_durable(tmp_path, monkeypatch):
     rundir.RunDirectory(tmp_path)._write_folder(tmp_path / "iterations" / "iter-0001",
                                                 lambda folder: (folder / "a.jsonl").write_text("x"))
     assert tmp_path / "iterations" in synced  # the folder that received the rename
+
+
+# ---- Low: a prompt longer than the budget is cut the same way in sampling and training, and counted
+
+
+def test_long_prompts_are_cut_alike_in_sampling_and_training_and_counted(tiny_model_dir, prompt_file, tmp_path,
+                                                                        one_thread):
+    import json
+
+    import raft
+    from raft.modalities.text import TextModality
+    from raft.modalities.text.sft import IGNORE, build_example
+
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("".join(f"review {i}: " + "the film was a wonderful story " * 30 + "\n" for i in range(12)))
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tiny_model_dir, prompts, run_dir) + ["iterations=1", "finetune.max_seq_length=40"]
+    config = raft.load_config("text", overrides=overrides)
+    parts = TextModality().build(config, None)
+    policy = parts.policy.policy
+    assert policy.prompt_budget == 40 - 6  # max_new_tokens 6
+    long_prompt = parts.prompts[0]
+    samples = parts.generator.generate([long_prompt], 2, seed=0)
+    kept, cut = policy.encode_prompt_cut(long_prompt)
+    assert len(kept) == 34 and cut > 0 and samples[0].meta["prompt_tokens_cut"] == cut
+    ids, labels = build_example(policy.encode_prompt(long_prompt), samples[0].meta["token_ids"], 40)
+    assert ids[: labels.count(IGNORE)] == kept  # training sees the prompt sampling saw
+
+    raft.run(config)
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])
+    assert row["samples/prompt_cut"] == row["samples"] == 9
+
+    with pytest.raises(Exception, match=r"finetune.max_seq_length \(6\) must be above generation.max_new_tokens \(6\)"):
+        TextModality().build(raft.load_config("text", overrides=overrides[:-1] + ["finetune.max_seq_length=6",
+                                                                                  f"run_dir={tmp_path / 'x'}"]), None)

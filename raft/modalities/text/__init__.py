@@ -32,7 +32,7 @@ class TextModality(Modality):
         replay = config.finetune.replay
         replay_texts = load_replay_texts(replay.texts, replay.field, config.data) if replay.share > 0 else []
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
-        check_context(config, policy.model.config)
+        policy.prompt_budget = check_context(config, policy.model.config)
         finetuner_class = RrhfFineTuner if config.finetune.objective == "rrhf" else TextFineTuner
         eval_generation = config.generation
         if config.eval.temperature is not None:
@@ -60,8 +60,9 @@ class TextModality(Modality):
         )
 
 
-def check_context(config: TextRaftConfig, model_config) -> None:
-    """Refuses, before anything runs, a generation budget the model's context cannot hold."""
+def check_context(config: TextRaftConfig, model_config) -> int:
+    """Refuses, before anything runs, a generation budget the model's context (or a training example) cannot hold;
+    returns the prompt budget: the prompt tokens sampling and training both keep."""
     from raft.errors import ConfigError
 
     context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
@@ -71,3 +72,8 @@ def check_context(config: TextRaftConfig, model_config) -> None:
     if isinstance(context, int) and longest >= context:
         raise ConfigError(f"config: {field} ({longest} tokens) must be below the model's context ({context} tokens), "
                           f"which also holds the prompt")
+    length = config.finetune.max_seq_length
+    if longest >= length:
+        raise ConfigError(f"config: finetune.max_seq_length ({length}) must be above {field} ({longest}): a training "
+                          f"example holds the prompt and the response")
+    return min(length, context) - longest if isinstance(context, int) else length - longest
