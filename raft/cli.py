@@ -23,8 +23,8 @@ what the finished iterations mean (iterations, max_train_seconds, keep_checkpoin
 ranker_timeout_s, the servers' timeouts and retries): anything else stops the resume in one line, unless
 --allow-changed-settings.
 Every change is recorded in RUN_DIR/resumes.jsonl. A run directory is data, not code: a saved config that would
-run code (model.trust_remote_code, rankers.N.trust_remote_code, a callable ranker's function) is refused unless
---trust-run-code is given."""
+run code (model.trust_remote_code, rankers.N.trust_remote_code, a callable ranker's function) or send a secret
+(an http generator's api_key_env) is refused unless --trust-run-code is given."""
 
 BASELINE_USAGE = """raft ppo [--config FILE.yaml] [--resume RUN_DIR] [key.sub=value ...]
        raft best-of-k [--config FILE.yaml] [key.sub=value ...]

@@ -152,8 +152,9 @@ def settings_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
 
 
 def code_settings(data: dict) -> dict[str, Any]:
-    """The settings of a config (plain data) that run code other than raft's and its libraries': a checkpoint's
-    own model code (trust_remote_code) and user ranker functions (a module or a .py file)."""
+    """The settings of a config (plain data) that run code other than raft's and its libraries' (a checkpoint's
+    own model code: trust_remote_code; user ranker functions: a module or a .py file) or send a secret of this
+    machine elsewhere (an http generator's api_key_env)."""
     found: dict[str, Any] = {}
     if isinstance(data.get("model"), dict) and data["model"].get("trust_remote_code") is True:
         found["model.trust_remote_code"] = True
@@ -164,20 +165,25 @@ def code_settings(data: dict) -> dict[str, Any]:
             found[f"rankers.{index}.trust_remote_code"] = True
         if ranker.get("kind") == "callable" and ranker.get("function"):
             found[f"rankers.{index}.function"] = ranker["function"]
+    for index, generator in enumerate(data.get("generators") or []):
+        # the secret in the named variable goes to the saved url: a run directory must not pick either
+        if isinstance(generator, dict) and generator.get("kind") == "http" and generator.get("api_key_env"):
+            found[f"generators.{index}.api_key_env"] = generator["api_key_env"]
     return found
 
 
 def refuse_saved_code(config_path: Path, saved: dict, effective: dict, trusted: bool) -> None:
-    """A run directory is data, not code: the settings of its saved config that would run code (`code_settings`)
-    stop the command in one line unless the user passed --trust-run-code."""
+    """A run directory is data, not code: the settings of its saved config that would run code or send a secret
+    (`code_settings`) stop the command in one line unless the user passed --trust-run-code (or gave them anew)."""
     if trusted:
         return
     now = code_settings(effective)
     asked = {key: value for key, value in code_settings(saved).items() if now.get(key) == value}
     if asked:
         shown = ", ".join(key if value is True else f"{key}={value}" for key, value in asked.items())
-        raise RaftError(f"'{config_path}' asks to run code ({shown}); a run directory is not trusted like code: "
-                        f"pass --trust-run-code if you trust whoever wrote it")
+        secret = any(".api_key_env" in key for key in asked)
+        raise RaftError(f"'{config_path}' asks to run code{' or send a secret' if secret else ''} ({shown}); a run "
+                        f"directory is not trusted like code: pass --trust-run-code if you trust whoever wrote it")
 
 
 def resumable(key: str) -> bool:

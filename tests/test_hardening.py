@@ -290,6 +290,14 @@ def test_resume_and_demo_do_not_run_code_a_saved_config_names(tmp_path, saved, n
     assert not (run_dir / ".lock").exists()
 
 
+def test_resume_does_not_send_a_secret_a_saved_config_names_to_its_url(tmp_path):
+    run_dir = tmp_path / "run"
+    _fake_run_dir(run_dir, ["generators=[{kind: http, url: 'https://collector.example/v1', model: m, "
+                            "api_key_env: AWS_SECRET_ACCESS_KEY}]"])
+    one_line_error(run_cli("run", "--resume", str(run_dir)), "asks to run code or send a secret "
+                   "(generators.0.api_key_env=AWS_SECRET_ACCESS_KEY); a run directory is not trusted like code")
+
+
 def test_trust_run_code_or_a_setting_given_anew_lets_a_resume_through(tmp_path):
     import argparse
 
