@@ -547,3 +547,55 @@ def test_long_prompts_are_cut_alike_in_sampling_and_training_and_counted(tiny_mo
     with pytest.raises(Exception, match=r"finetune.max_seq_length \(6\) must be above generation.max_new_tokens \(6\)"):
         TextModality().build(raft.load_config("text", overrides=overrides[:-1] + ["finetune.max_seq_length=6",
                                                                                   f"run_dir={tmp_path / 'x'}"]), None)
+
+
+# ---- item 5, continued: the sampler's own HTTP client still goes through the environment's proxy
+
+
+def test_the_http_sampler_uses_the_environments_proxy(tiny_model_dir, monkeypatch):
+    import http.client
+    import threading
+    import urllib.parse
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from openai_server import TinyOpenAIServer
+    from raft.generators import OpenAICompatibleSampler, SamplingSettings
+
+    seen = []
+
+    class Proxy(BaseHTTPRequestHandler):  # a forwarding proxy for plain http: absolute URLs in, the server's answer out
+        def do_POST(self):
+            seen.append((self.path, self.headers.get("Proxy-Authorization")))
+            url = urllib.parse.urlsplit(self.path)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            upstream = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+            upstream.request("POST", url.path, body=body, headers={k: v for k, v in self.headers.items()
+                                                                 if k.lower() not in ("host", "proxy-authorization")})
+            answer = upstream.getresponse()
+            data = answer.read()
+            self.send_response(answer.status)
+            self.send_header("Content-Type", answer.getheader("Content-Type"))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        with TinyOpenAIServer(tiny_model_dir, model_name="tiny") as server:
+            for name in ("no_proxy", "NO_PROXY", "http_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv("HTTP_PROXY", f"http://me:pw@127.0.0.1:{proxy.server_address[1]}")
+            sampler = OpenAICompatibleSampler(server.url, "tiny", SamplingSettings(max_new_tokens=3), max_retries=0,
+                                              progress=False)
+            assert len(sampler.generate(["the film was"], 2, seed=0)) == 2
+            assert seen == [(f"{server.url}/chat/completions", "Basic bWU6cHc=")]  # me:pw
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+            sampler.generate(["the film was"], 1, seed=0)
+            assert len(seen) == 1  # bypassed
+    finally:
+        proxy.shutdown()
+        proxy.server_close()

@@ -18,6 +18,7 @@ import re
 import sys
 import time
 import urllib.parse
+import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -73,6 +74,23 @@ def is_loopback(host: str) -> bool:
 def _origin(url: str) -> tuple[str, str | None, int | None]:
     parts = urllib.parse.urlsplit(url)
     return parts.scheme, (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _proxy_for(parts: urllib.parse.SplitResult) -> urllib.parse.SplitResult | None:
+    """The proxy the environment names for this URL (HTTP_PROXY, HTTPS_PROXY, NO_PROXY), or None."""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.netloc.rsplit("@", 1)[-1]):
+        return None
+    return urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+
+
+def _proxy_headers(proxy: urllib.parse.SplitResult) -> dict[str, str]:
+    if proxy.username is None:
+        return {}
+    import base64
+
+    login = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(login.encode()).decode()}
 
 
 def _remaining(deadline: float) -> float:
@@ -230,14 +248,24 @@ class OpenAICompatibleSampler(Generator):
         url = self.url
         for _ in range(MAX_REDIRECTS + 1):
             parts = urllib.parse.urlsplit(url)
-            connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            connection = connection_class(parts.hostname, parts.port, timeout=_remaining(deadline))
+            target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+            headers = {"Content-Type": "application/json", "Accept": "application/json"}
+            if self._api_key:
+                headers["Authorization"] = f"Bearer {self._api_key}"
+            proxy = _proxy_for(parts)  # HTTP(S)_PROXY / NO_PROXY, as urllib reads them
+            if proxy is None:
+                connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+                connection = connection_class(parts.hostname, parts.port, timeout=_remaining(deadline))
+            elif parts.scheme == "https":  # a CONNECT tunnel through the proxy, TLS to the server itself
+                connection = http.client.HTTPSConnection(proxy.hostname, proxy.port or 80, timeout=_remaining(deadline))
+                connection.set_tunnel(parts.hostname, parts.port, headers=_proxy_headers(proxy))
+            else:  # plain http: the proxy gets the absolute URL
+                connection = http.client.HTTPConnection(proxy.hostname, proxy.port or 80, timeout=_remaining(deadline))
+                target = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path or "/",
+                                                  parts.query, ""))
+                headers.update(_proxy_headers(proxy))
             try:
-                headers = {"Content-Type": "application/json", "Accept": "application/json"}
-                if self._api_key:
-                    headers["Authorization"] = f"Bearer {self._api_key}"
-                connection.request("POST", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
-                                   body=data, headers=headers)
+                connection.request("POST", target, body=data, headers=headers)
                 sock = connection.sock  # http.client drops it once the answer is known to end the connection
                 sock.settimeout(_remaining(deadline))
                 response = connection.getresponse()
