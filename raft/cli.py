@@ -12,12 +12,19 @@ import yaml
 from raft.config import describe, dump_yaml, load_config
 from raft.errors import RaftError
 
-USAGE = """raft run [--modality text|diffusion] [--config FILE.yaml] [--resume RUN_DIR] [key.sub=value ...]
+USAGE = """raft run [--modality text|diffusion] [--config FILE.yaml] [--resume RUN_DIR [--allow-changed-settings]]
+                [--trust-run-code] [key.sub=value ...]
 
 Runs RAFT: per iteration, sample K outputs for each of b prompts, score them, keep the best, fine-tune
 on them, evaluate on held-out prompts. Settings: the modality's defaults, then --config, then the
 key.sub=value overrides (YAML values: 3, 2e-5, true, null, [16, 48]). --resume continues the run in
-RUN_DIR after its last completed iteration, with its saved config (overrides still apply)."""
+RUN_DIR after its last completed iteration, with its saved config; overrides may change only what cannot change
+what the finished iterations mean (iterations, max_train_seconds, keep_checkpoints, guard.*, model.device,
+ranker_timeout_s, the servers' timeouts and retries): anything else stops the resume in one line, unless
+--allow-changed-settings.
+Every change is recorded in RUN_DIR/resumes.jsonl. A run directory is data, not code: a saved config that would
+run code (model.trust_remote_code, rankers.N.trust_remote_code, a callable ranker's function) or send a secret
+(an http generator's api_key_env) is refused unless --trust-run-code is given."""
 
 BASELINE_USAGE = """raft ppo [--config FILE.yaml] [--resume RUN_DIR] [key.sub=value ...]
        raft best-of-k [--config FILE.yaml] [key.sub=value ...]
@@ -35,8 +42,9 @@ selection.diversity.*, finetune.replay, guard.*); raft_undefended the same with 
 `raft run finetune.objective=rrhf selection.strategy=all`, defences off, as published."""
 
 DEMO_USAGE = """raft demo chat --run DIR [--base MODEL] [--host H] [--port P] [--max-input-chars N] [--max-new-tokens N]
-                      [--history-turns N]
+                      [--history-turns N] [--auth USER:PASSWORD|@FILE] [--max-queue N] [--trust-run-code]
        raft demo image --run DIR [--base MODEL] [--host H] [--port P] [--max-prompt-chars N] [--steps N] [--max-steps N]
+                       [--auth USER:PASSWORD|@FILE] [--max-queue N] [--trust-run-code]
 
 Serves a Gradio app on http://HOST:PORT (default 127.0.0.1, the first free port from 7860) comparing the base model
 with the aligned one on the same input, each output scored by the run's rankers. DIR is a run directory (its latest
@@ -45,10 +53,27 @@ a bare checkpoint (a full model, a peft adapter or a diffusers LoRA) with --base
 chat: both replies stream side by side; messages longer than --max-input-chars (500) are refused with a message,
 replies stop at --max-new-tokens (128), the models see the last --history-turns (3) exchanges. image: base and
 aligned images from the same seed, the run's per-iteration grids and reward curve; prompts are limited to
---max-prompt-chars (200) and denoising to --max-steps (50); --steps sets the default (the run's)."""
+--max-prompt-chars (200) and denoising to --max-steps (50); --steps sets the default (the run's). Nothing of the run
+directory is served but the images shown; no share link is made and gradio's telemetry is off. Another --host than
+127.0.0.1 is warned about: add --auth (a login; @FILE keeps the password out of ps). At most --max-queue (8) requests
+wait; more are turned away. A run whose config names code (a ranker function, remote model code) needs
+--trust-run-code."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `raft` command; a reader that closes the pipe early (`raft run --help | head`) ends it quietly."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # Python's own flush at exit would raise again: point stdout at /dev/null first
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="raft", description="Reward-ranked fine-tuning of generative models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--modality", default=None)
     run_parser.add_argument("--config", default=None)
     run_parser.add_argument("--resume", default=None, metavar="RUN_DIR")
+    run_parser.add_argument("--allow-changed-settings", action="store_true")
+    run_parser.add_argument("--trust-run-code", action="store_true")
     run_parser.add_argument("-h", "--help", action="store_true")
     for name, what in [("ppo", "run or resume the PPO baseline (text)"),
                        ("best-of-k", "held-out reward of best-of-K sampling, no training (text)"),
@@ -66,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline.add_argument("-h", "--help", action="store_true")
         if name == "ppo":
             baseline.add_argument("--resume", default=None, metavar="RUN_DIR")
+            baseline.add_argument("--trust-run-code", action="store_true")
         if name == "compare":
             baseline.add_argument("--methods", default="best_of_k,raft,raft_undefended,rrhf,ppo")
             baseline.add_argument("--seeds", default=None)  # comma-separated; checked by compare.parse_seeds
@@ -80,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=positive, default=None)
     demo.add_argument("--max-input-chars", type=positive, default=500)
     demo.add_argument("--max-new-tokens", type=positive, default=128)
-    demo.add_argument("--history-turns", type=int, default=3)
+    demo.add_argument("--history-turns", type=non_negative, default=3)
     demo.add_argument("--max-prompt-chars", type=positive, default=200)
     demo.add_argument("--steps", type=positive, default=None)
     demo.add_argument("--max-steps", type=positive, default=50)
+    demo.add_argument("--trust-run-code", action="store_true")
+    demo.add_argument("--auth", default=None, metavar="USER:PASSWORD|@FILE")
+    demo.add_argument("--max-queue", type=positive, default=8)
     show_parser = commands.add_parser("config", help="print the resolved config as YAML (nothing runs)")
     show_parser.add_argument("--modality", default=None)
     show_parser.add_argument("--config", default=None)
@@ -105,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from raft.loop import run
 
-        run(config, resume=resume)
+        run(config, resume=resume, allow_changed_settings=args.allow_changed_settings)
         return 0
     except RaftError as error:
         print(f"raft: error: {error}", file=sys.stderr)
@@ -113,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raft: interrupted; completed iterations are kept (resume with --resume RUN_DIR)", file=sys.stderr)
         return 130
+    except OSError as error:
+        import errno
+
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"raft: error: disk full ({error.strerror}{': ' + str(error.filename) if error.filename else ''}); "
+              f"completed iterations are kept: free space, then resume with --resume RUN_DIR", file=sys.stderr)
+        return 2
 
 
 def run_baseline(args: argparse.Namespace, overrides: list[str], argv: list[str]) -> int:
@@ -154,17 +193,22 @@ def run_baseline(args: argparse.Namespace, overrides: list[str], argv: list[str]
 def run_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise RaftError(f"unexpected argument '{overrides[0]}' (see raft demo --help)")
+    from raft.demos.common import parse_auth
+
+    auth = parse_auth(args.auth)
     try:
         if args.app == "chat":
             from raft.demos.chat import launch
 
             launch(args.run, args.base, args.host, args.port, max_input_chars=args.max_input_chars,
-                   max_new_tokens=args.max_new_tokens, history_turns=args.history_turns)
+                   max_new_tokens=args.max_new_tokens, history_turns=args.history_turns,
+                   trust_run_code=args.trust_run_code, auth=auth, max_queue=args.max_queue)
         else:
             from raft.demos.image import launch
 
             launch(args.run, args.base, args.host, args.port, max_prompt_chars=args.max_prompt_chars,
-                   max_steps=args.max_steps, steps=args.steps)
+                   max_steps=args.max_steps, steps=args.steps, trust_run_code=args.trust_run_code, auth=auth,
+                   max_queue=args.max_queue)
     except ModuleNotFoundError as error:
         if error.name != "gradio":
             raise
@@ -181,6 +225,16 @@ def positive(raw: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got '{raw}'") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got '{raw}'")
+    return value
+
+
+def non_negative(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got '{raw}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got '{raw}'")
     return value
 
 
@@ -206,10 +260,9 @@ def resolve(args: argparse.Namespace, overrides: list[str], config_class: type |
     saved = None
     resume_dir = getattr(args, "resume", None)
     if resume_dir:
-        saved_path = Path(resume_dir) / "config.yaml"
-        if not saved_path.is_file():
-            raise RaftError(f"cannot resume: '{resume_dir}' is not a run directory (no config.yaml)")
-        saved = yaml.safe_load(saved_path.read_text())
+        from raft.rundir import RunDirectory
+
+        saved = RunDirectory(resume_dir).saved_config()  # one line when missing, empty or not YAML
         saved["run_dir"] = str(resume_dir)
     modality = args.modality or (saved or {}).get("modality") or _file_modality(args.config) or "text"
     if saved and args.modality and saved.get("modality") != args.modality:
@@ -220,6 +273,11 @@ def resolve(args: argparse.Namespace, overrides: list[str], config_class: type |
         config_class = TextPPOConfig  # `raft run finetune.objective=ppo`, or resuming a PPO run: PPO's settings
     config_class = config_class or resolve_class(modality)
     config = load_config(config_class, args.config, [f"modality={modality}", *overrides], base=saved)
+    if saved is not None:
+        from raft.config import to_dict
+        from raft.rundir import refuse_saved_code
+
+        refuse_saved_code(Path(resume_dir) / "config.yaml", saved, to_dict(config), args.trust_run_code)
     return config, bool(resume_dir)
 
 

@@ -8,6 +8,7 @@ a setting, its default and its documentation live; `raft run --help` prints it. 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,6 +146,9 @@ class RaftConfig:
     max_train_seconds: float | None = option(
         None, "Wall-clock budget: start no further iteration once the completed ones spent this many seconds "
         "generating, ranking, selecting and fine-tuning (evaluation not counted); null: run all iterations.")
+    ranker_timeout_s: float | None = option(
+        None, "Seconds one scoring call of the rankers may take; longer stops the run in one line (completed "
+        "iterations stay). null: no limit.")
     selection: SelectionConfig = option(SelectionConfig(), "Selection of the kept set.")
     kl: KLConfig = option(KLConfig(), "KL-regularized ranking against the starting model.")
     guard: GuardConfig = option(GuardConfig(), "Collapse guard: bounds on held-out metrics that stop the run.")
@@ -159,12 +163,14 @@ class RaftConfig:
     def validate(self) -> None:
         """Range checks that types alone cannot express; subclasses extend it."""
         self._validate_defences()
+        _check(self.seed >= 0, "seed", "must be >= 0")
         _check(self.iterations >= 0, "iterations", "must be >= 0")
         _check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.prompts_per_shard is None or self.prompts_per_shard >= 1, "prompts_per_shard", "must be >= 1 or null")
         _check(self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds", "must be > 0 or null")
+        _check(self.ranker_timeout_s is None or self.ranker_timeout_s > 0, "ranker_timeout_s", "must be > 0 or null")
         sel = self.selection
         _check(1 <= sel.keep_per_prompt <= self.samples_per_prompt, "selection.keep_per_prompt",
                f"must be between 1 and samples_per_prompt ({self.samples_per_prompt})")
@@ -203,6 +209,12 @@ class RaftConfig:
                 _check(0 < bound <= 1, f"guard.{name}", "must be in (0, 1]")
             else:
                 _check(bound > 0, f"guard.{name}", "must be > 0")
+
+
+def check_ranker_weights(rankers: list) -> None:
+    """Weights are finite (the loader checks that) and not all 0: a reward of 0 for everything ranks nothing."""
+    _check(not rankers or any(r.weight != 0 for r in rankers), "rankers",
+           "weights are all 0: no sample would rank above another")
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -336,13 +348,18 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 2e-5 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 2e-5 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no setting means anything at NaN or infinity (null turns bounds off)
+                raise ConfigError(f"config: {name} must be a finite number, got {_show(value)}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raft.config import GUARD_BOUNDS, RaftConfig, dump_yaml
+from raft.config import GUARD_BOUNDS, RaftConfig, dump_yaml, to_dict
 from raft.errors import RaftError
 from raft.finetune import distributed
 from raft.generators.sampling import seed_of
@@ -38,15 +38,24 @@ STAGES = ("generate", "rank", "select", "finetune", "evaluate")
 OPENING_WORDS = 4  # eval/top_opening_share: the share of held-out samples opening with the most common 4 words
 
 
-def run(config: RaftConfig, resume: bool = False) -> Path:
-    """Run (or, with `resume`, continue) the RAFT loop described by `config`; returns the run directory."""
+def run(config: RaftConfig, resume: bool = False, allow_changed_settings: bool = False) -> Path:
+    """Run (or, with `resume`, continue) the RAFT loop described by `config`; returns the run directory.
+    A resume refuses settings that change what the finished iterations mean unless `allow_changed_settings`."""
     model = getattr(config, "model", None)
     distributed.state(cpu=not torch.cuda.is_available() or getattr(model, "device", "auto") == "cpu")
     if distributed.world() > 1 and distributed.is_main():
         print(f"raft: {distributed.world()} processes ({distributed.state().distributed_type.value})", flush=True)
-    modality = get_modality(config.modality)
-    run_dir = on_main(lambda: open_run_directory(config, resume, config.modality))
+    run_dir = on_main(lambda: open_run_directory(config, resume, config.modality, allow_changed_settings))
     config.run_dir = str(run_dir.path)  # the main process named it
+    try:
+        return _run(config, run_dir)
+    finally:
+        if distributed.is_main():
+            run_dir.unlock()
+
+
+def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
+    modality = get_modality(config.modality)
     parts = modality.build(config, checkpoint=on_main(run_dir.latest_checkpoint))
     done = evaluate_starting_policy(run_dir, parts, config)
 
@@ -85,6 +94,7 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
             "reward/all_mean": mean(s.reward for s in samples),
             "reward/selected_mean": mean(s.reward for s in selected),
             "selection/passed_over": sum(1 for s in samples if s.meta.get("not_kept")),
+            "samples/prompt_cut": sum(1 for s in samples if s.meta.get("prompt_tokens_cut")),
             **kl_metrics,
             **({"kl/selected_mean": mean(s.kl for s in selected)} if kl_metrics else {}),
             **train_metrics,
@@ -154,23 +164,44 @@ def generate_sharded(generator, prompts: list[str], samples_per_prompt: int, see
     return [one for _, samples in sorted(distributed.gather(mine), key=lambda part: part[0]) for one in samples]
 
 
-def open_run_directory(config: RaftConfig, resume: bool, name: str) -> RunDirectory:
+def open_run_directory(config: RaftConfig, resume: bool, name: str, allow_changed_settings: bool = False) -> RunDirectory:
     """A new run directory (runs/<name>-<date>-<time> unless config.run_dir is set), or on `resume` the
     existing one with anything past its last completed iteration removed.
 
-    A new directory is only created by `evaluate_starting_policy`, after the components were built, so a
-    run that cannot start (bad model, bad data) writes nothing."""
+    The directory is locked for this process (a second one stops in one line naming the holder) until
+    `run_dir.unlock()` or the process ends. Its files are only written by `evaluate_starting_policy`, after the
+    components were built, so a run that cannot start (bad model, bad data) leaves nothing behind."""
     if not config.run_dir:
-        config.run_dir = f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}"
+        config.run_dir = default_run_dir(name)
     run_dir = RunDirectory(config.run_dir)
-    if resume and (run_dir.path / "config.yaml").is_file():
-        run_dir.discard_unfinished()
-        run_dir.write_config(dump_yaml(config))
-        if run_dir.completed_iteration is not None:
-            print(f"resuming {run_dir.path} after iteration {run_dir.completed_iteration}", flush=True)
-    else:
-        run_dir.ensure_new()
+    run_dir.lock()
+    try:
+        if resume and (run_dir.path / "config.yaml").is_file():
+            run_dir.check_resume_changes(to_dict(config), allow_all=allow_changed_settings)
+            run_dir.discard_unfinished()
+            run_dir.write_config(dump_yaml(config))
+            if run_dir.completed_iteration is not None:
+                print(f"resuming {run_dir.path} after iteration {run_dir.completed_iteration}", flush=True)
+        else:
+            run_dir.ensure_new()
+    except BaseException:
+        run_dir.unlock()
+        raise
     return run_dir
+
+
+def default_run_dir(name: str) -> str:
+    """runs/<name>-<date>-<time>, or with -2, -3, ... appended when another run took that name in the same second:
+    the folder is created here (atomically), so two launches never share one."""
+    stamp = f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    for number in range(1, 10_000):
+        candidate = Path(stamp if number == 1 else f"{stamp}-{number}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return str(candidate)
+    raise RaftError(f"no free run directory name for {stamp}")
 
 
 def evaluate_starting_policy(run_dir: RunDirectory, parts: Components, config: RaftConfig) -> int:

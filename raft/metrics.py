@@ -65,7 +65,12 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
     for axis in list(axes.flat)[len(names):]:
         axis.axis("off")
     figure.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=90)
-    plt.close(figure)
-    tmp.replace(path)
+    from raft.rundir import replace_durably, temp_path
+
+    tmp = temp_path(path, ".png")
+    try:
+        figure.savefig(tmp, dpi=90)
+        replace_durably(tmp, path)
+    finally:
+        plt.close(figure)
+        tmp.unlink(missing_ok=True)

@@ -22,6 +22,10 @@ class TinyOpenAIServer:
         self.failures: list[int] = []  # status codes answered to the next requests, one each, before serving
         self.delay_s = 0.0  # seconds to wait before answering
         self.received: list[dict] = []  # {"path", "authorization", "body"} of every request, in arrival order
+        # a misbehaving server: redirect (to `redirect_to`), drip (one byte at a time), huge (an endless body),
+        # indices (every choice index 0), html (the answer labelled text/html)
+        self.evil: str | None = None
+        self.redirect_to = ""
         self._lock = threading.Lock()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._http.daemon_threads = True  # a handler still sleeping for a timed-out client does not block close
@@ -40,7 +44,7 @@ class TinyOpenAIServer:
         self._http.server_close()
 
     def reset(self) -> None:
-        self.failures, self.delay_s, self.received = [], 0.0, []
+        self.failures, self.delay_s, self.received, self.evil, self.redirect_to = [], 0.0, [], None, ""
 
     # ---- serving
 
@@ -48,10 +52,11 @@ class TinyOpenAIServer:
         with self._lock:
             self.received.append({"path": path, "authorization": authorization, "body": body})
             failure = self.failures.pop(0) if self.failures else None
+        # like some real servers, the errors echo the credentials they got: the client must redact them
         if self.api_key and authorization != f"Bearer {self.api_key}":
-            return 401, {"error": {"message": "invalid API key"}}
+            return 401, {"error": {"message": f"invalid API key (got {authorization})"}}
         if failure is not None:
-            return failure, {"error": {"message": f"injected failure {failure}"}}
+            return failure, {"error": {"message": f"injected failure {failure} (got {authorization})"}}
         if self.delay_s:
             time.sleep(self.delay_s)
         if body.get("model") != self.model_name:
@@ -98,16 +103,48 @@ class TinyOpenAIServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if server.evil in ("redirect", "drip", "huge"):
+                    server.received.append({"path": self.path, "authorization": self.headers.get("Authorization"),
+                                            "body": body})
+                    try:
+                        self.misbehave(server.evil)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 status, answer = server.answer(self.path, self.headers.get("Authorization"), body)
+                if server.evil == "indices" and status == 200:
+                    for choice in answer["choices"]:
+                        choice["index"] = 0
                 data = json.dumps(answer).encode()
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", "text/html" if server.evil == "html" else "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout under test)
+
+            def misbehave(self, how: str) -> None:
+                if how == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                if how == "drip":  # a valid length, then a byte every 0.1 s: each read is quick, the whole is not
+                    self.send_header("Content-Length", "200")
+                    self.end_headers()
+                    for _ in range(200):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                else:  # no length, and more than any answer needs
+                    self.end_headers()
+                    for _ in range(64):
+                        self.wfile.write(b" " * 2**20)
 
             def log_message(self, *args):
                 pass

@@ -19,6 +19,10 @@ def broken_from_call(prompts, responses):
     mode = os.environ.get("RAFT_TEST_BREAK", "raise")
     if mode == "raise":
         raise ValueError("reward server unavailable")
+    if mode == "hang":  # a reward server that never answers
+        import time
+
+        time.sleep(3600)
     if mode == "nan":
         return [math.nan] + vowel_share(prompts, responses)[1:]
     return vowel_share(prompts, responses)[:-1]  # one score short

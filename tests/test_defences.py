@@ -209,7 +209,8 @@ def test_guard_rollback_keeps_the_last_good_checkpoint(tiny_model_dir, prompt_fi
     # continue at a learning rate that moves far from the start, with a bound just above iteration 1's KL
     bound = first_kl * 1.01 + 1e-4
     raft.run(raft.load_config("text", run_dir / "config.yaml", overrides=[
-        "iterations=4", "finetune.learning_rate=3e-2", f"guard.max_kl={bound}", "guard.action=rollback"]), resume=True)
+        "iterations=4", "finetune.learning_rate=3e-2", f"guard.max_kl={bound}", "guard.action=rollback"]), resume=True,
+        allow_changed_settings=True)  # a new learning rate changes what the run means: allowed explicitly
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and rows[2]["eval/kl_to_start"] > bound  # stopped after iteration 2
     assert json.loads((run_dir / "state.json").read_text()) == {"completed_iteration": 2, "checkpoint_iteration": 1}

@@ -46,7 +46,8 @@ def lora_text_run(tiny_model_dir, prompt_file, tmp_path_factory) -> Path:
 def chat_app(lora_text_run):
     from raft.demos.chat import launch
 
-    app = launch(str(lora_text_run), max_input_chars=MAX_INPUT_CHARS, max_new_tokens=8, block=False)
+    app = launch(str(lora_text_run), max_input_chars=MAX_INPUT_CHARS, max_new_tokens=8, block=False,
+                 trust_run_code=True)  # its ranker is a function in tests/rewards.py
     yield app
     app.close()
 
@@ -143,9 +144,9 @@ def test_a_checkpoint_folder_opens_with_its_runs_config_and_a_bare_one_needs_its
     from raft.demos.common import open_run
     from raft.errors import RaftError
 
-    whole = open_run(lora_text_run, "text")
+    whole = open_run(lora_text_run, "text", trust_run_code=True)
     assert whole.checkpoint == lora_text_run / "checkpoints/iter-0001" and whole.config.finetune.lora.enabled
-    inside = open_run(whole.checkpoint, "text")
+    inside = open_run(whole.checkpoint, "text", trust_run_code=True)
     assert inside.run_dir == lora_text_run and inside.config.rankers[0].kind == "callable"
 
     bare = shutil.copytree(whole.checkpoint, tmp_path / "adapter")

@@ -154,7 +154,7 @@ def test_file_sampler_errors_are_one_line(tmp_path):
         (lambda: FileSampler(str(good)).generate(["a"], 3, 0), "has 2 samples for the prompt 'a', fewer than the 3"),
     ]
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    cases.append((lambda: FileSampler(str(tmp_path / "bad.jsonl")), "cannot read"))
+    cases.append((lambda: FileSampler(str(tmp_path / "bad.jsonl")), "bad.jsonl' line 1 is not valid JSON"))  # names the line
     for make, message in cases:
         with pytest.raises(RaftError) as caught:
             make()

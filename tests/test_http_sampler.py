@@ -89,7 +89,8 @@ def test_a_server_that_keeps_failing_is_reported_in_one_line(fresh):
     message = str(caught.value)
     assert len(fresh.received) == 3  # 1 try + 2 retries, then it stops
     assert message.startswith(f"generator 'http': {fresh.url}/completions failed 3 times")
-    assert "HTTP 500 (injected failure 500)" in message and "\n" not in message and KEY not in message
+    assert "HTTP 500 (injected failure 500 (got Bearer ***))" in message and "\n" not in message
+    assert KEY not in message  # the server echoed it
 
 
 def test_a_slow_server_times_out(fresh):
@@ -108,7 +109,7 @@ def test_client_errors_are_not_retried(fresh):
     assert len(fresh.received) == 1
     assert "answered HTTP 404 (model 'no-such-model' does not exist)" in str(caught.value)
     fresh.reset()
-    with pytest.raises(RaftError, match="answered HTTP 401 \\(invalid API key\\)"):
+    with pytest.raises(RaftError, match="answered HTTP 401 \\(invalid API key \\(got Bearer \\*\\*\\*\\)\\)"):
         sampler(fresh, api_key="wrong").generate(PROMPTS[:1], 1, seed=0)
     assert len(fresh.received) == 1
 
@@ -171,6 +172,6 @@ def test_the_cli_reports_a_dead_server_in_one_line_after_the_retries(tiny_model_
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("raft: error:")]
     assert errors == [f"raft: error: generator 'http': {fresh.url}/chat/completions failed 2 times (timeout_s 60, "
-                      "max_retries 1); last: HTTP 502 (injected failure 502)"], result.stderr[-2000:]
+                      "max_retries 1); last: HTTP 502 (injected failure 502 (got Bearer ***))"], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and KEY not in result.stderr + result.stdout
     assert len(fresh.received) == 6  # 3 prompts, each tried twice; nothing more

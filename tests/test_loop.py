@@ -136,7 +136,7 @@ def test_a_failing_ranker_stops_the_run_and_keeps_finished_iterations(tiny_model
     assert (run_dir / "checkpoints/iter-0001/model.safetensors").is_file()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
-    resumed = run_cli("run", "--resume", str(run_dir))  # the ranker works again in a new process
+    resumed = run_cli("run", "--resume", str(run_dir), "--trust-run-code")  # the ranker works again
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((run_dir / "state.json").read_text()) == {"completed_iteration": 2}
 

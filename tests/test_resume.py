@@ -72,38 +72,55 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model_dir,
     expected_completed = int(iteration) - 1 if int(iteration) > 0 else None
     assert completed == expected_completed
 
-    resumed = raft_run("--resume", str(run_dir))
+    resumed = raft_run("--resume", str(run_dir), "--trust-run-code")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics, iterations, samples = outcome(run_dir)
     assert iterations == ["iter-0000", "iter-0001", "iter-0002", "iter-0003"]  # none missing, none twice
     assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]
     assert (metrics, iterations, samples) == uninterrupted[variant]
-    assert not list(run_dir.rglob("*.tmp"))
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]  # *.tmp, *.tmp.png, <name>.<pid>-<id>.tmp
+    assert not (run_dir / ".lock").exists()
 
 
 @pytest.mark.parametrize("fraction", [0.6, 0.85])
 def test_sigkill_at_an_arbitrary_moment_then_resume(uninterrupted, tiny_model_dir, prompt_file, tmp_path, fraction):
-    """No hook: the process is killed from outside at some moment of its run, wherever it happens to be."""
+    """No hook: the process is killed from outside at some moment of its run, wherever it happens to be: `fraction`
+    of an iteration after iteration 1 was committed (timed on a first run), so the kill lands mid-run, which the
+    test checks."""
     import time
 
     run_dir = tmp_path / "run"
     overrides = [*tiny_overrides(tiny_model_dir, prompt_file, run_dir), "iterations=3"]
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "raft", "run", *overrides], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+
+    def launch():
+        process = subprocess.Popen([sys.executable, "-m", "raft", "run", *overrides], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        while completed_iteration(run_dir) != 1:  # committed iteration 1
+            assert process.poll() is None, "the run ended before committing iteration 1"
+            time.sleep(0.02)
+        return process, time.perf_counter()
+
+    process, committed = launch()
     process.wait(timeout=300)
-    duration = time.perf_counter() - started
+    per_iteration = (time.perf_counter() - committed) / 2  # iterations 2 and 3
     shutil_rmtree(run_dir)
 
-    process = subprocess.Popen([sys.executable, "-m", "raft", "run", *overrides], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    time.sleep(duration * fraction)
+    process, _ = launch()
+    time.sleep(per_iteration * fraction)
     process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
+    assert process.wait(timeout=60) == -signal.SIGKILL  # killed, not finished before the signal
+    assert completed_iteration(run_dir) in (1, 2)  # the kill landed mid-run
 
-    resumed = raft_run("--resume", str(run_dir)) if (run_dir / "config.yaml").exists() else raft_run(*overrides)
+    resumed = raft_run("--resume", str(run_dir), "--trust-run-code")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert outcome(run_dir) == uninterrupted["full"]
+
+
+def completed_iteration(run_dir):
+    try:
+        return json.loads((run_dir / "state.json").read_text())["completed_iteration"]
+    except (OSError, ValueError):
+        return None
 
 
 def shutil_rmtree(path):

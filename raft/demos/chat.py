@@ -13,7 +13,7 @@ import gradio as gr
 import torch
 from transformers import TextStreamer
 
-from raft.demos.common import DemoRun, open_run
+from raft.demos.common import DemoRun, open_run, serve
 from raft.errors import RaftError
 from raft.interface import Sample
 from raft.rankers import score_samples
@@ -122,7 +122,7 @@ def pane(turns: list[dict], side: str) -> list[dict]:
 
 
 def build_app(models: ChatModels, max_input_chars: int) -> gr.Blocks:
-    with gr.Blocks(title="raft chat: base vs aligned") as app:
+    with gr.Blocks(title="raft chat: base vs aligned", analytics_enabled=False) as app:
         gr.Markdown("## raft chat demo: base vs aligned\n" + models.run.summary())
         turns = gr.State([])
         with gr.Row():
@@ -173,8 +173,7 @@ def build_app(models: ChatModels, max_input_chars: int) -> gr.Blocks:
 
 
 def launch(run_path: str, base: str | None = None, host: str = "127.0.0.1", port: int | None = None,
-           max_input_chars: int = 500, max_new_tokens: int = 128, history_turns: int = 3, block: bool = True):
-    models = ChatModels(open_run(run_path, "text", base), max_new_tokens, history_turns)
-    app = build_app(models, max_input_chars).queue(default_concurrency_limit=1)  # one generation at a time
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block)
-    return app
+           max_input_chars: int = 500, max_new_tokens: int = 128, history_turns: int = 3, block: bool = True,
+           trust_run_code: bool = False, auth: tuple[str, str] | None = None, max_queue: int = 8):
+    models = ChatModels(open_run(run_path, "text", base, trust_run_code), max_new_tokens, history_turns)
+    return serve(build_app(models, max_input_chars), host, port, block, auth, max_queue)  # one generation at a time

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from raft.demos.chat import SIDES, reward_line
-from raft.demos.common import DemoRun, open_run
+from raft.demos.common import DemoRun, open_run, serve
 from raft.errors import RaftError
 from raft.interface import Sample
 from raft.rankers import score_samples
@@ -56,8 +56,11 @@ def enlarged(image, min_side: int = 256):
     return image if scale <= 1 else image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
-def grids(run: DemoRun) -> list[tuple[str, str]]:
-    """Each iteration's eval_grid.png (the held-out prompts from the same seeds), captioned with its reward."""
+def grids(run: DemoRun) -> list[tuple]:
+    """Each iteration's eval_grid.png (the held-out prompts from the same seeds), captioned with its reward, as an
+    image in memory: gradio serves its own copy, never a path into the run directory."""
+    from PIL import Image
+
     if run.run_dir is None:
         return []
     rewards = {r["iteration"]: r.get("eval/reward_mean") for r in run.metrics()}
@@ -65,7 +68,9 @@ def grids(run: DemoRun) -> list[tuple[str, str]]:
     for path in sorted((run.run_dir / "iterations").glob("iter-*/eval_grid.png")):
         iteration = int(path.parent.name.removeprefix("iter-"))
         reward = rewards.get(iteration)
-        shown.append((str(path), f"iteration {iteration}" + (f" · held-out reward {reward:.3f}" if reward is not None else "")))
+        with Image.open(path) as grid:
+            image = grid.convert("RGB")
+        shown.append((image, f"iteration {iteration}" + (f" · held-out reward {reward:.3f}" if reward is not None else "")))
     return shown
 
 
@@ -78,7 +83,7 @@ def reward_curves(run: DemoRun) -> pd.DataFrame:
 def build_app(models: ImageModels, max_prompt_chars: int, max_steps: int, steps: int | None = None) -> gr.Blocks:
     run = models.run
     default_steps = min(steps or run.config.generation.num_inference_steps, max_steps)
-    with gr.Blocks(title="raft image: base vs aligned") as app:
+    with gr.Blocks(title="raft image: base vs aligned", analytics_enabled=False) as app:
         gr.Markdown("## raft image demo: base vs aligned\n" + run.summary())
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", elem_id="prompt", scale=3, placeholder="a red circle above a blue square",
@@ -139,10 +144,9 @@ def build_app(models: ImageModels, max_prompt_chars: int, max_steps: int, steps:
 
 
 def launch(run_path: str, base: str | None = None, host: str = "127.0.0.1", port: int | None = None,
-           max_prompt_chars: int = 200, max_steps: int = 50, steps: int | None = None, block: bool = True):
-    models = ImageModels(open_run(run_path, "diffusion", base))
-    app = build_app(models, max_prompt_chars, max_steps, steps).queue(default_concurrency_limit=1)
-    # the run's grids live outside Gradio's working directory; allow serving them
-    allowed = [str(models.run.run_dir)] if models.run.run_dir else None
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, allowed_paths=allowed)
-    return app
+           max_prompt_chars: int = 200, max_steps: int = 50, steps: int | None = None, block: bool = True,
+           trust_run_code: bool = False, auth: tuple[str, str] | None = None, max_queue: int = 8):
+    models = ImageModels(open_run(run_path, "diffusion", base, trust_run_code))
+    # the run's grids are handed to gradio as images, so nothing of the run directory (config, weights, optimizer
+    # state) is ever served: no allowed_paths
+    return serve(build_app(models, max_prompt_chars, max_steps, steps), host, port, block, auth, max_queue)

@@ -28,6 +28,7 @@ import torch
 
 from raft.errors import RaftError
 from raft.finetune import distributed
+from raft.rundir import load_state
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -72,7 +73,7 @@ class Trainer:
         state = checkpoint / OPTIMIZER_FILE if checkpoint is not None else None
         self.resumed = settings.carry_optimizer_state and state is not None and state.is_file()
         if self.resumed:
-            optimizer.load_state_dict(torch.load(state, map_location=device, weights_only=True))
+            optimizer.load_state_dict(load_state(state, map_location=device))
         self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
         self.started = self.resumed  # whether the optimizer has state worth keeping
 

@@ -30,6 +30,10 @@ def load_table(source: str, split: str, what: str):
         if path.is_file():
             if path.suffix.lower() not in FILE_FORMATS:
                 raise RaftError(f"{what}: '{source}' is not a {', '.join(FILE_FORMATS)} file")
+            if path.suffix.lower() == ".jsonl":
+                from raft.rundir import read_jsonl
+
+                read_jsonl(path, what=f"{what}: ")  # a bad line is named here; datasets would not say which
             return datasets.load_dataset(FILE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
         if path.is_dir():
             table = datasets.load_from_disk(str(path))

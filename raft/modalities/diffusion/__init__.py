@@ -36,7 +36,9 @@ class DiffusionModality(Modality):
         data = load_prompts(config.data)  # first: bad data fails before a model is loaded
         external = build_external_generators(config)  # files: also before the pipeline loads
         device = resolve_device(config.model.device)
-        ranker = build_ranker(config.rankers, device)
+        from raft.rankers import with_timeout
+
+        ranker = with_timeout(build_ranker(config.rankers, device), config.ranker_timeout_s)
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
         sampler = DiffusionSampler(policy, config.generation)
 
@@ -68,7 +70,8 @@ class DiffusionModality(Modality):
             generator=build_generator(config, external, policy),
             policy=sampler,
             ranker=ranker,
-            finetuner=DiffusionFineTuner(policy, config.finetune, checkpoint),
+            finetuner=DiffusionFineTuner(policy, config.finetune, checkpoint,
+                                         resolution=config.generation.resolution),
             evaluator=evaluator,
             features=features,
             eval_samples_per_prompt=config.eval.samples_per_prompt,

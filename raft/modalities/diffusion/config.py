@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from raft.config import GeneratorConfig, RaftConfig, _check, check_generators, option
+from raft.config import GeneratorConfig, RaftConfig, _check, check_generators, check_ranker_weights, option
 
 SCHEDULERS = ("default", "ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpm_solver", "unipc", "lms")
 
@@ -79,6 +79,9 @@ class DiffusionGeneratorConfig(GeneratorConfig):
         "output",
         "kind file: column holding the image path (`output` is what raft's samples.jsonl calls it); relative paths "
         "are read from the file's folder.")
+    allow_outside_paths: bool = option(
+        False, "kind file: accept image paths outside the file's folder (absolute, or climbing out with ..); off, "
+        "such a row stops the run in one line, so a table cannot make raft read any image on the machine.")
 
 
 @dataclass
@@ -203,6 +206,7 @@ class DiffusionRaftConfig(RaftConfig):
         _check(g.batch_size >= 1, "generation.batch_size", "must be >= 1")
         self._validate_generators()
         _check(bool(self.rankers), "rankers", "must list at least one ranker")
+        check_ranker_weights(self.rankers)
         for i, ranker in enumerate(self.rankers):
             _check(ranker.kind != "callable" or bool(ranker.function), f"rankers.{i}.function", "is required by kind callable")
             _check(ranker.kind != "aesthetic" or ranker.head != "linear" or bool(ranker.weights), f"rankers.{i}.weights",
@@ -221,6 +225,9 @@ class DiffusionRaftConfig(RaftConfig):
                "finetune.gradient_accumulation_steps", "must be >= 1 and divide finetune.batch_size")
         _check(f.lora.r >= 1, "finetune.lora.r", "must be >= 1")
         _check(f.lora.alpha >= 1, "finetune.lora.alpha", "must be >= 1")
+        _check(f.max_grad_norm >= 0, "finetune.max_grad_norm", "must be >= 0 (0: no clipping)")
+        _check(f.weight_decay >= 0, "finetune.weight_decay", "must be >= 0")
+        _check(self.eval.seed >= 0, "eval.seed", "must be >= 0")
         _check(bool(f.lora.target_modules), "finetune.lora.target_modules", "must name at least one module")
         _check("{prompt}" in self.data.prompt_template, "data.prompt_template", "must contain {prompt}")
         _check(self.data.eval_size >= 1, "data.eval_size", "must be >= 1")

@@ -83,9 +83,14 @@ def write_grid(path: Path, samples: list[Sample], max_prompts: int, min_cell: in
             if scale > 1:
                 image = image.resize((cell_w, cell_h), resample=Image.Resampling.NEAREST)
             grid.paste(image, (label_width + c * (cell_w + 2), top))
-    tmp = path.with_name(path.name + ".tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
+    from raft.rundir import temp_path
+
+    tmp = temp_path(path, ".png")
+    try:
+        grid.save(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _shorten(text: str, characters: int) -> str:

@@ -25,22 +25,30 @@ from raft.modalities.diffusion.model import DiffusionPolicy, save_policy
 
 
 def image_tensor(images, size: int) -> torch.Tensor:
-    """PIL images -> float NCHW in [-1, 1] at `size` x `size`."""
+    """PIL images -> float NCHW in [-1, 1] at `size` x `size`: another size is resized (bicubic), its shorter side
+    to `size`, and a non-square one centre-cropped (the usual Stable Diffusion preprocessing)."""
     arrays = []
     for image in images:
         image = image.convert("RGB")
         if image.size != (size, size):
-            image = image.resize((size, size), resample=3)  # bicubic
+            scale = size / min(image.size)
+            width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+            image = image.resize((width, height), resample=3)  # bicubic
+            left, top = (width - size) // 2, (height - size) // 2
+            image = image.crop((left, top, left + size, top + size))
         arrays.append(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 class DiffusionFineTuner(FineTuner):
     def __init__(self, policy: DiffusionPolicy, config: DiffusionFinetuneConfig, checkpoint: Path | None,
-                 progress: bool = True):
+                 progress: bool = True, resolution: int | None = None):
         from diffusers import DDPMScheduler
 
         self.policy, self.config, self.progress = policy, config, progress
+        # the size every kept image is trained at: the sampling resolution (generation.resolution, else the model's
+        # own), whatever size a file generator's images have
+        self.resolution = resolution or policy.default_resolution()
         # the forward (noising) process of training: the pipeline's betas, whatever scheduler samples
         self.noise_scheduler = DDPMScheduler.from_config(policy.pipeline.scheduler.config)
         if config.gradient_checkpointing:
@@ -60,7 +68,7 @@ class DiffusionFineTuner(FineTuner):
     def encode(self, selected: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """(VAE latent moments, text embeddings) of the kept samples, computed once per iteration."""
         policy, vae = self.policy, self.policy.pipeline.vae
-        size = policy.default_resolution() if not selected else selected[0].output.size[0]
+        size = self.resolution
         moments, texts = [], []
         for start in range(0, len(selected), 16):
             chunk = selected[start : start + 16]

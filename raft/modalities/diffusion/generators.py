@@ -22,8 +22,9 @@ class ImageFileSampler(Generator):
     """Pre-generated images: a table of (prompt, image path) rows; relative paths are read from the table's
     folder, so a previous run's iteration folder (samples.jsonl + images/) works as it is."""
 
-    def __init__(self, table: FileSampler, folder: Path):
+    def __init__(self, table: FileSampler, folder: Path, allow_outside_paths: bool = False):
         self.table, self.folder, self.name = table, folder, table.name
+        self.allow_outside_paths = allow_outside_paths
 
     @property
     def prompts(self) -> list[str]:
@@ -34,14 +35,37 @@ class ImageFileSampler(Generator):
         for sample in samples:
             path = Path(sample.output).expanduser()
             path = path if path.is_absolute() else self.folder / path
-            try:
-                with Image.open(path) as image:
-                    sample.output = image.convert("RGB")
-            except (OSError, ValueError) as error:
-                raise RaftError(f"{self.table.what}: cannot read the image '{path}' "
-                                f"(row {sample.meta['settings']['row']}): {error}") from None
+            row = sample.meta["settings"]["row"]
+            if not self.allow_outside_paths and not path.resolve().is_relative_to(self.folder.resolve()):
+                raise RaftError(f"{self.table.what}: the image '{path}' (row {row}) is outside the file's folder "
+                                f"'{self.folder}'; set allow_outside_paths: true on this generator to read it")
+            sample.output = read_image(path, self.table.what, row)
             sample.meta["settings"]["image"] = str(path)
         return samples
+
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # far above any training resolution; decoding more is a bomb or a mistake
+
+
+def read_image(path: Path, what: str, row: int) -> Image.Image:
+    """An RGB image from a file, refused in one line when unreadable, larger than MAX_IMAGE_PIXELS (checked from the
+    header, before anything is decoded) or a decompression bomb."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise RaftError(f"{what}: the image '{path}' (row {row}) is {image.width} x {image.height} "
+                                    f"pixels, more than the {MAX_IMAGE_PIXELS:,} accepted")
+                return image.convert("RGB")
+    except RaftError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise RaftError(f"{what}: the image '{path}' (row {row}) is refused as a decompression bomb") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise RaftError(f"{what}: cannot read the image '{path}' (row {row}): {error}") from None
 
 
 def build_external_generators(config: DiffusionRaftConfig) -> dict[int, Generator]:
@@ -53,7 +77,8 @@ def build_external_generators(config: DiffusionRaftConfig) -> dict[int, Generato
                                 name=entry.name or "file", what=f"generators.{index}.path",
                                 prompt_key=lambda prompt: apply_template(config.data.prompt_template, prompt))
             source = Path(entry.path).expanduser()
-            built[index] = ImageFileSampler(table, source.parent if source.is_file() else source)
+            built[index] = ImageFileSampler(table, source.parent if source.is_file() else source,
+                                            allow_outside_paths=entry.allow_outside_paths)
     return built
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from raft.interface import Components, Modality
+from raft.rankers import with_timeout
 from raft.modalities.text.config import TextRaftConfig
 from raft.modalities.text.data import load_replay_texts, load_text_data
 from raft.modalities.text.diversity import FEATURES, opening_of
@@ -32,6 +33,7 @@ class TextModality(Modality):
         replay = config.finetune.replay
         replay_texts = load_replay_texts(replay.texts, replay.field, config.data) if replay.share > 0 else []
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
+        policy.prompt_budget = check_context(config, policy.model.config)
         eval_generation = config.generation
         if config.eval.temperature is not None:
             eval_generation = dataclasses.replace(config.generation, temperature=config.eval.temperature)
@@ -51,7 +53,7 @@ class TextModality(Modality):
             eval_prompts=data.eval_prompts,
             generator=build_generator(config, external, policy),
             policy=TextSampler(policy, eval_generation),  # evaluation: the policy as deployed, no magic prompts
-            ranker=build_ranker(config.rankers, policy.device),
+            ranker=with_timeout(build_ranker(config.rankers, policy.device), config.ranker_timeout_s),
             finetuner=finetuner,
             evaluator=TextEvaluator(policy, data.reference_texts, config.eval.batch_size, config.eval.max_tokens),
             discard_rules=discard_rules,
@@ -62,3 +64,22 @@ class TextModality(Modality):
             eval_best_of_n=config.eval.best_of_n,
             eval_seed=config.eval.seed,
         )
+
+
+def check_context(config: TextRaftConfig, model_config) -> int:
+    """Refuses, before anything runs, a generation budget the model's context (or a training example) cannot hold;
+    returns the prompt budget: the prompt tokens sampling and training both keep."""
+    from raft.errors import ConfigError
+
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    r = config.generation.max_new_tokens_range
+    longest, field = ((r[1] - 1, "generation.max_new_tokens_range") if r else
+                      (config.generation.max_new_tokens, "generation.max_new_tokens"))
+    if isinstance(context, int) and longest >= context:
+        raise ConfigError(f"config: {field} ({longest} tokens) must be below the model's context ({context} tokens), "
+                          f"which also holds the prompt")
+    length = config.finetune.max_seq_length
+    if longest >= length:
+        raise ConfigError(f"config: finetune.max_seq_length ({length}) must be above {field} ({longest}): a training "
+                          f"example holds the prompt and the response")
+    return min(length, context) - longest if isinstance(context, int) else length - longest

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Union
 
 from raft.config import (DiversityConfig, GeneratorConfig, KLConfig, RaftConfig, SelectionConfig, _check,
-                         check_generators, option)
+                         check_generators, check_ranker_weights, option)
 
 
 @dataclass
@@ -97,7 +97,7 @@ class TextGeneratorConfig(GeneratorConfig):
     prompts_per_request: int = option(
         8, "kind http, endpoint completions: prompts per request (chat requests hold one prompt each).")
     max_concurrency: int = option(4, "kind http: requests in flight at once.")
-    timeout_s: float = option(60.0, "kind http: seconds to wait for the server on each attempt.")
+    timeout_s: float = option(60.0, "kind http: seconds one attempt may take in all (connecting, sending, the whole answer).")
     max_retries: int = option(
         3, "kind http: retries of a request after a timeout, a refused connection, HTTP 429 or 5xx; then the run "
         "stops with the error.")
@@ -295,6 +295,7 @@ class TextRaftConfig(RaftConfig):
                "must be [low, high) with 1 <= low < high")
         self._validate_generators()
         _check(bool(self.rankers), "rankers", "must list at least one ranker")
+        check_ranker_weights(self.rankers)
         for i, ranker in enumerate(self.rankers):
             _check(ranker.kind != "classifier" or bool(ranker.model), f"rankers.{i}.model", "is required by kind classifier")
             _check(ranker.kind != "callable" or bool(ranker.function), f"rankers.{i}.function", "is required by kind callable")
@@ -307,6 +308,10 @@ class TextRaftConfig(RaftConfig):
                "finetune.gradient_accumulation_steps", "must be >= 1 and divide finetune.batch_size")
         _check(f.lora.r >= 1, "finetune.lora.r", "must be >= 1")
         _check(f.rrhf_weight >= 0, "finetune.rrhf_weight", "must be >= 0")
+        _check(f.max_seq_length >= 2, "finetune.max_seq_length", "must be >= 2 (a prompt token and a response token)")
+        _check(f.max_grad_norm >= 0, "finetune.max_grad_norm", "must be >= 0 (0: no clipping)")
+        _check(f.weight_decay >= 0, "finetune.weight_decay", "must be >= 0")
+        _check(self.eval.seed >= 0, "eval.seed", "must be >= 0")
         several = self.selection.strategy in ("all", "threshold") or (
             self.selection.strategy == "local" and self.selection.keep_per_prompt > 1)
         _check(f.objective != "ppo" or hasattr(self, "ppo"), "finetune.objective",
@@ -330,6 +335,11 @@ class TextRaftConfig(RaftConfig):
                 _check(bool(g.url) and g.url.startswith(("http://", "https://")), f"{where}.url",
                        "is required by kind http: the API's base URL, e.g. http://127.0.0.1:8000/v1")
                 _check(bool(g.model), f"{where}.model", "is required by kind http: the model name the server expects")
+                from raft.generators.openai_http import url_credentials
+
+                secret = url_credentials(g.url)
+                _check(secret is None, f"{where}.url", f"must not hold credentials ({secret}): config.yaml and every "
+                       "sample record it; put the key in an environment variable named by api_key_env")
                 _check(g.prompts_per_request >= 1, f"{where}.prompts_per_request", "must be >= 1")
                 _check(g.max_concurrency >= 1, f"{where}.max_concurrency", "must be >= 1")
                 _check(g.timeout_s > 0, f"{where}.timeout_s", "must be > 0")

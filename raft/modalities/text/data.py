@@ -108,6 +108,10 @@ def read_column(path: str, column: str, field: str) -> list[str]:
             raise RaftError(f"{field}: '{path}' is not a .txt, .jsonl, .json, .csv or .parquet file")
         import datasets
 
+        if suffix == ".jsonl":
+            from raft.rundir import read_jsonl
+
+            read_jsonl(file, what=f"{field}: ")  # a bad line is named here; datasets would not say which
         try:
             table = datasets.load_dataset(formats[suffix], data_files=str(file), split="train")
         except Exception as error:  # malformed files fail in many ways inside datasets/pyarrow

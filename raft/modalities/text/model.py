@@ -32,6 +32,9 @@ class TextPolicy:
     device: torch.device
     use_chat_template: bool
     system_prompt: str | None
+    # prompt tokens kept (the last ones) in sampling and training alike, so the model learns from what it was shown:
+    # finetune.max_seq_length (or the context, if shorter) less the longest response; None: no limit
+    prompt_budget: int | None = None
 
     def render(self, prompt: str, system_prompt: str | None = None) -> str:
         """The full text that precedes the response (chat template applied when configured).
@@ -45,9 +48,15 @@ class TextPolicy:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def encode_prompt(self, prompt: str, system_prompt: str | None = None) -> list[int]:
+        return self.encode_prompt_cut(prompt, system_prompt)[0]
+
+    def encode_prompt_cut(self, prompt: str, system_prompt: str | None = None) -> tuple[list[int], int]:
+        """(the prompt's token ids, cut from the left to prompt_budget; how many tokens were cut)."""
         # a chat template already spells out its special tokens (BOS included where the model uses one)
-        return self.tokenizer(self.render(prompt, system_prompt),
-                              add_special_tokens=not self.use_chat_template)["input_ids"]
+        ids = self.tokenizer(self.render(prompt, system_prompt), add_special_tokens=not self.use_chat_template)["input_ids"]
+        if self.prompt_budget is not None and len(ids) > self.prompt_budget:
+            return ids[len(ids) - self.prompt_budget:], len(ids) - self.prompt_budget
+        return ids, 0
 
     @property
     def eos_ids(self) -> set[int]:

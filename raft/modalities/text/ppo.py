@@ -31,6 +31,7 @@ from raft.metrics import mean
 from raft.modalities.text.config import PPOSettings, TextFinetuneConfig
 from raft.modalities.text.model import TextPolicy
 from raft.modalities.text.reference import TextReference
+from raft.rundir import load_state
 from raft.modalities.text.sft import build_example, collate, label_logprobs
 
 VALUE_HEAD_FILE, STATE_FILE = "value_head.pt", "ppo_state.json"
@@ -128,8 +129,7 @@ class PPOFineTuner(FineTuner):
         self.kl_coef = settings.kl_coef
         value_head = new_value_head(policy.model.config.hidden_size, policy.device)
         if checkpoint is not None:
-            value_head.load_state_dict(torch.load(checkpoint / VALUE_HEAD_FILE, map_location=policy.device,
-                                                  weights_only=True))
+            value_head.load_state_dict(load_state(checkpoint / VALUE_HEAD_FILE, map_location=policy.device))
             self.kl_coef = json.loads((checkpoint / STATE_FILE).read_text())["kl_coef"]
         if finetune.gradient_checkpointing:
             policy.model.gradient_checkpointing_enable()

@@ -37,7 +37,7 @@ class TextSampler(Generator):
             budgets = rng.integers(low, high, size=len(prompts)).tolist()
         else:
             budgets = [config.max_new_tokens] * len(prompts)
-        encoded = [self.policy.encode_prompt(p, self.system_prompt) for p in prompts]
+        encoded, cut = zip(*(self.policy.encode_prompt_cut(p, self.system_prompt) for p in prompts)) if prompts else ((), ())
 
         order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(encoded[i])))
         per_batch = max(1, config.batch_size // k)
@@ -69,6 +69,7 @@ class TextSampler(Generator):
                         "new_tokens": len(tokens) if end is None else end + 1,
                         "token_ids": tokens if end is None else tokens[: end + 1],  # exactly as sampled, EOS included
                         "settings": settings | {"max_new_tokens": budgets[index]},
+                        **({"prompt_tokens_cut": cut[index]} if cut[index] else {}),
                     },
                 ))
         return samples
