@@ -61,7 +61,7 @@ def test_two_processes_select_the_same_samples_and_train_the_same_weights(tiny_m
     first = raft_run([*tiny_overrides(tiny_model_dir, prompt_file, two, reference_file), *settings,
                       "iterations=1"], processes=2)
     assert "2 processes (MULTI_CPU)" in first.stdout
-    raft_run(["--resume", str(two), "iterations=2"], processes=2)
+    raft_run(["--resume", str(two), "--trust-run-code", "iterations=2"], processes=2)
 
     for iteration in (1, 2):
         for name in ("samples", "selected"):

@@ -196,7 +196,7 @@ def test_ppo_is_an_objective_of_the_loop(tiny_model_dir, prompt_file, tmp_path, 
                  "finetune.objective=ppo"]) == 0
     saved = load_config(TextPPOConfig, run_dir / "config.yaml")
     assert (saved.finetune.objective, saved.selection.strategy, saved.kl.beta) == ("ppo", "all", 0.0)
-    assert main(["run", "--resume", str(run_dir), "iterations=2"]) == 0
+    assert main(["run", "--resume", str(run_dir), "--trust-run-code", "iterations=2"]) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2] and all(r["selected"] == 9 for r in rows[1:])
     with pytest.raises(Exception, match="finetune.objective ppo takes its settings from the ppo section"):
