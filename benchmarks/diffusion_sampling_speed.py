@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     config = raft.load_config("diffusion", None, args.overrides)
     parts = get_modality("diffusion").build(config, checkpoint=None)  # the loop's own sampler, LoRA attached
     sampler = parts.policy
+    sampler.progress = False  # no progress bars in the figures
     prompts = parts.prompts[: args.prompts]
     pipeline = direct_pipeline(config)
     reference = sampler.generate(prompts, args.k, seed=0)

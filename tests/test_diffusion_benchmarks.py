@@ -38,3 +38,24 @@ def test_max_pixel_diff_sees_a_changed_pixel():
     b[1, 2, 0] = 7
     assert bench.max_pixel_diff([Image.fromarray(a)], [Image.fromarray(a)]) == 0
     assert bench.max_pixel_diff([Image.fromarray(a), Image.fromarray(a)], [Image.fromarray(a), Image.fromarray(b)]) == 7
+
+
+
+def test_seed_spread_reuses_given_start_means(tiny_sd_dir, tiny_clip_dir, tmp_path, capsys, one_thread):
+    import json
+
+    import raft
+    from raft.loop import run
+    from tiny_diffusion import tiny_diffusion_overrides
+
+    overrides = tiny_diffusion_overrides(tiny_sd_dir, tiny_clip_dir, tmp_path / "run")[2:]  # without --modality
+    run(raft.load_config("diffusion", None, overrides + ["iterations=1"]))
+    bench = load_benchmark("diffusion_seed_spread")
+    capsys.readouterr()
+    assert bench.main([str(tmp_path / "run"), "--seeds", "2", "--start-means", "11.5", "12.5"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("\n{") + 1 :])
+    assert report["start_seed_means"] == [11.5, 12.5]  # given, not redrawn
+    assert "start policy" not in out and len(report["end_seed_means"]) == 2
+    with pytest.raises(SystemExit):  # one mean per seed
+        bench.main([str(tmp_path / "run"), "--seeds", "2", "--start-means", "11.5"])
