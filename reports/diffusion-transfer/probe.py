@@ -36,6 +36,7 @@ p.add_argument("--base", action="store_true")
 p.add_argument("--tag", default="")
 p.add_argument("--train-eval", action="store_true")
 p.add_argument("--train-text", action="store_true")
+p.add_argument("--pool-guidance", type=float, default=None, help="guidance of the pool (default: the config's, 3); use another --cache")
 p.add_argument("--jpeg", action="store_true")
 p.add_argument("--oracle-all", type=int, default=0)
 p.add_argument("--oracle", type=int, default=0)
@@ -50,7 +51,8 @@ cache = Path(a.cache)
 if cache.exists():
     pool = pickle.load(open(cache, "rb"))
 else:
-    parts = get_modality("diffusion").build(raft.load_config("diffusion", None, []), checkpoint=None)
+    pool_overrides = [] if a.pool_guidance is None else [f"generation.guidance_scale={a.pool_guidance}"]
+    parts = get_modality("diffusion").build(raft.load_config("diffusion", None, pool_overrides), checkpoint=None)
     prompts = [q for it in range(1, a.pool_prompts // 16 + 1) for q in draw_prompts(parts.prompts, 16, 0, it)]
     samples = parts.policy.generate(prompts, 8, seed=777)
     score_samples(parts.ranker, samples)
