@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds besides the run's own")
+    parser.add_argument("--start-means", type=float, nargs="+", default=None,
+                        help="the starting policy's held-out means at those seeds, from an earlier call on a run with "
+                             "the same model, prompts and eval settings (its start_seed_means): skips redrawing them")
     args = parser.parse_args(argv)
 
     import yaml
@@ -41,7 +44,13 @@ def main(argv=None) -> int:
     seeds = list(range(config.eval.seed + 1, config.eval.seed + 1 + args.seeds))
     checkpoint = RunDirectory(run_dir).latest_checkpoint()
     means = {}
+    if args.start_means is not None:
+        if len(args.start_means) != len(seeds):
+            parser.error(f"--start-means: {len(args.start_means)} values for {len(seeds)} seeds")
+        means["start"] = list(args.start_means)
     for name, source in [("start", None)] + ([("end", checkpoint)] if checkpoint else []):
+        if name in means:
+            continue
         parts = get_modality(config.modality).build(config, checkpoint=source)
         means[name] = []
         for seed in seeds:

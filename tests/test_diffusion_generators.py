@@ -116,3 +116,27 @@ def test_a_missing_image_is_named_in_one_line(tiny_sd_dir, tiny_clip_dir, tmp_pa
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("raft: error: generators.0.path: cannot read the image")
     assert "gone.png" in result.stderr
+
+
+def test_sampling_guidance_applies_to_training_images_only(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    import raft
+    from raft.modalities import get_modality
+
+    args = tiny_diffusion_overrides(tiny_sd_dir, tiny_clip_dir, tmp_path / "run")[2:]  # drop --modality diffusion
+    config = raft.load_config("diffusion", overrides=args + ["generators.0.sampling_guidance_scale=1.0"])
+    parts = get_modality("diffusion").build(config, checkpoint=None)
+    trained_on = parts.generator.generate(["a red circle above a blue square"], 1, seed=0)
+    evaluated = parts.policy.generate(["a red circle above a blue square"], 1, seed=0)
+    assert trained_on[0].meta["settings"]["guidance_scale"] == 1.0
+    assert evaluated[0].meta["settings"]["guidance_scale"] == config.generation.guidance_scale == 3.0
+
+
+def test_sampling_guidance_is_checked():
+    import raft
+    from raft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="generators.0.sampling_guidance_scale"):
+        raft.load_config("diffusion", overrides=["generators.0.sampling_guidance_scale=-1"])
+    with pytest.raises(ConfigError, match="sampling_guidance_scale do not apply to kind file"):
+        raft.load_config("diffusion", overrides=["generators.0.kind=file", "generators.0.path=x.jsonl",
+                                                 "generators.0.sampling_guidance_scale=1"])

@@ -75,6 +75,12 @@ class DiffusionGeneratorConfig(GeneratorConfig):
     )
     sampling_negative_prompt: str | None = option(
         None, "Negative prompt used only when sampling training images (null: generation.negative_prompt).")
+    sampling_guidance_scale: float | None = option(
+        None,
+        "Guidance scale used only when sampling training images (null: generation.guidance_scale). Fine-tuned on "
+        "its own images, a model learns how the sampler draws as much as what the reward picked: drawn with the "
+        "evaluation's guidance 3, the offline model's training images made it sharper, less diverse and its JPEG "
+        "files larger whatever was kept; drawn with 1, the JPEG selection carried over (reports/diffusion-transfer).")
     image_field: str = option(
         "output",
         "kind file: column holding the image path (`output` is what raft's samples.jsonl calls it); relative paths "
@@ -235,4 +241,8 @@ class DiffusionRaftConfig(RaftConfig):
         _check(self.eval.grid_prompts >= 0, "eval.grid_prompts", "must be >= 0")
 
     def _validate_generators(self) -> None:
-        check_generators(self.generators, self.samples_per_prompt, sampling_only=("sampling_negative_prompt",))
+        check_generators(self.generators, self.samples_per_prompt,
+                         sampling_only=("sampling_negative_prompt", "sampling_guidance_scale"))
+        for i, g in enumerate(self.generators):
+            _check(g.sampling_guidance_scale is None or g.sampling_guidance_scale >= 0,
+                   f"generators.{i}.sampling_guidance_scale", "must be >= 0 (or null)")

@@ -90,6 +90,8 @@ def build_generator(config: DiffusionRaftConfig, external: dict[int, Generator],
             settings = config.generation
             if entry.sampling_negative_prompt is not None:
                 settings = replace(settings, negative_prompt=entry.sampling_negative_prompt)
+            if entry.sampling_guidance_scale is not None:
+                settings = replace(settings, guidance_scale=entry.sampling_guidance_scale)
             parts.append(DiffusionSampler(policy, settings))
         else:
             parts.append(external[index])
