@@ -145,6 +145,9 @@ class RaftConfig:
     max_train_seconds: float | None = option(
         None, "Wall-clock budget: start no further iteration once the completed ones spent this many seconds "
         "generating, ranking, selecting and fine-tuning (evaluation not counted); null: run all iterations.")
+    trackers: list[str] = option(
+        ["tensorboard"], "Experiment trackers (accelerate's): tensorboard (written to RUN/tensorboard), wandb, trackio, "
+        "mlflow (RUN/mlruns); each metrics row at its iteration and a table of the iteration's samples. []: none.")
     selection: SelectionConfig = option(SelectionConfig(), "Selection of the kept set.")
     kl: KLConfig = option(KLConfig(), "KL-regularized ranking against the starting model.")
     guard: GuardConfig = option(GuardConfig(), "Collapse guard: bounds on held-out metrics that stop the run.")
@@ -160,6 +163,9 @@ class RaftConfig:
         """Range checks that types alone cannot express; subclasses extend it."""
         self._validate_defences()
         _check(self.iterations >= 0, "iterations", "must be >= 0")
+        from raft.trackers import check_trackers
+
+        check_trackers(self.trackers)
         _check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")

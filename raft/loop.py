@@ -49,6 +49,7 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
     config.run_dir = str(run_dir.path)  # the main process named it
     parts = modality.build(config, checkpoint=on_main(run_dir.latest_checkpoint))
     done = evaluate_starting_policy(run_dir, parts, config)
+    trackers = open_trackers(config, run_dir) if distributed.is_main() else None
 
     stopped = False
     for iteration in range(done + 1, config.iterations + 1):
@@ -105,6 +106,8 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
             )
             plot_metrics(run_dir.metrics(), run_dir.path / "metrics.png")
             report(row, config.iterations)
+            if trackers:
+                trackers.sync()
         elif not rollback:
             parts.finetuner.save_checkpoint(None)  # takes part in gathering sharded weights
         distributed.barrier()
@@ -112,6 +115,8 @@ def run(config: RaftConfig, resume: bool = False) -> Path:
     if not stopped:
         on_main(lambda: guard_stopped(config, run_dir))  # says so when the last iteration crossed a bound
     on_main(lambda: summarize(run_dir))
+    if trackers:
+        trackers.finish()
     distributed.finish()
     return run_dir.path
 
@@ -152,6 +157,19 @@ def generate_sharded(generator, prompts: list[str], samples_per_prompt: int, see
             finish(samples)
         mine.append((index, samples))
     return [one for _, samples in sorted(distributed.gather(mine), key=lambda part: part[0]) for one in samples]
+
+
+def open_trackers(config: RaftConfig, run_dir: RunDirectory):
+    """config.trackers, having logged what is committed and not logged yet (row 0 of a new run); None if none."""
+    if not getattr(config, "trackers", None):
+        return None
+    from raft.trackers import Trackers
+
+    trackers = Trackers(config.trackers, run_dir)
+    if run_dir.completed_iteration == 0:  # a new run: row 0 (the starting policy)
+        trackers.logged = -1
+    trackers.sync()
+    return trackers
 
 
 def open_run_directory(config: RaftConfig, resume: bool, name: str) -> RunDirectory:
