@@ -148,6 +148,12 @@ class RaftConfig:
     trackers: list[str] = option(
         ["tensorboard"], "Experiment trackers (accelerate's): tensorboard (written to RUN/tensorboard), wandb, trackio, "
         "mlflow (RUN/mlruns); each metrics row at its iteration and a table of the iteration's samples. []: none.")
+    ranker_aggregation: Literal["sum", "zscore", "rank"] = option(
+        "sum", "How the rankers' scores combine into the reward. sum: sum of weight * score; zscore: each ranker's "
+        "scores standardized over the batch scored together (the iteration's samples; the held-out samples), then "
+        "summed with the weights; rank: weighted average of each ranker's rank in that batch, in [0, 1]. Raw and "
+        "normalized scores are both recorded per sample (rewards, rewards_normalized), and eval/reward/<ranker> "
+        "is each ranker's raw held-out mean.")
     selection: SelectionConfig = option(SelectionConfig(), "Selection of the kept set.")
     kl: KLConfig = option(KLConfig(), "KL-regularized ranking against the starting model.")
     guard: GuardConfig = option(GuardConfig(), "Collapse guard: bounds on held-out metrics that stop the run.")

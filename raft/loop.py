@@ -321,6 +321,8 @@ def evaluate(parts: Components, per_shard: int | None = None) -> tuple[dict, lis
     metrics = {"eval/reward_mean": mean(rewards), "eval/reward_sem": standard_error(rewards)}
     if parts.reference is not None:
         metrics["eval/kl_to_start"] = mean(s.kl for s in samples)
+    for name in dict.fromkeys(name for s in samples for name in s.rewards):  # each ranker's raw held-out mean
+        metrics[f"eval/reward/{name}"] = mean(s.rewards[name] for s in samples if name in s.rewards)
     if parts.opening is not None and samples:
         openings = Counter(parts.opening(s, OPENING_WORDS) for s in samples)
         metrics["eval/top_opening_share"] = openings.most_common(1)[0][1] / len(samples)

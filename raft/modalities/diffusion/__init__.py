@@ -28,6 +28,7 @@ class DiffusionModality(Modality):
         from raft.modalities.diffusion.data import load_prompts
         from raft.modalities.diffusion.evaluate import GRID_FILE, DiffusionEvaluator, write_grid
         from raft.modalities.diffusion.finetune import DiffusionFineTuner
+        from raft.rankers import with_aggregation
         from raft.modalities.diffusion.generators import build_external_generators, build_generator
         from raft.modalities.diffusion.model import load_policy, resolve_device
         from raft.modalities.diffusion.rankers import build_ranker, clip_model_of
@@ -36,7 +37,7 @@ class DiffusionModality(Modality):
         data = load_prompts(config.data)  # first: bad data fails before a model is loaded
         external = build_external_generators(config)  # files: also before the pipeline loads
         device = resolve_device(config.model.device)
-        ranker = build_ranker(config.rankers, device)
+        ranker = with_aggregation(build_ranker(config.rankers, device), config.ranker_aggregation)
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
         sampler = DiffusionSampler(policy, config.generation)
 

@@ -19,6 +19,7 @@ from raft.modalities.text.reference import TextReference, starting_model_loader
 from raft.modalities.text.rrhf import RrhfFineTuner
 from raft.modalities.text.sampler import TextSampler
 from raft.modalities.text.sft import TextFineTuner
+from raft.rankers import with_aggregation
 
 
 class TextModality(Modality):
@@ -51,7 +52,7 @@ class TextModality(Modality):
             eval_prompts=data.eval_prompts,
             generator=build_generator(config, external, policy),
             policy=TextSampler(policy, eval_generation),  # evaluation: the policy as deployed, no magic prompts
-            ranker=build_ranker(config.rankers, policy.device),
+            ranker=with_aggregation(build_ranker(config.rankers, policy.device), config.ranker_aggregation),
             finetuner=finetuner,
             evaluator=TextEvaluator(policy, data.reference_texts, config.eval.batch_size, config.eval.max_tokens),
             discard_rules=discard_rules,
