@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 from raft.errors import RaftError
@@ -22,6 +23,7 @@ KNOWN = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wand
          "trackio": ("trackio", "trackio"), "mlflow": ("mlflow", "mlflow")}
 TABLE_ROWS = 256  # samples per iteration's table, at most
 OUTPUT_CHARS = 500  # of each output, at most
+IMAGES = 16  # kept images per iteration shown by tensorboard, at most
 
 
 def check_trackers(names: list[str]) -> None:
@@ -49,9 +51,14 @@ class Trackers:
                 tracker = tracking.TensorBoardTracker("tensorboard", run_dir.path)
             elif name == "wandb":
                 tracker = tracking.WandBTracker(project, name=run_dir.path.name)
-            elif name == "trackio":
-                tracker = tracking.TrackioTracker(project, name=run_dir.path.name)
+            elif name == "trackio":  # stored where trackio stores (TRACKIO_DIR), not in the run directory
+                tracker = tracking.TrackioTracker(project, name=run_dir.path.name, embed=False, auto_log_cpu=False,
+                                                  auto_log_gpu=False)
             else:
+                if "MLFLOW_TRACKING_URI" not in os.environ:  # otherwise ./mlruns of the working directory
+                    import mlflow
+
+                    mlflow.set_tracking_uri((run_dir.path / "mlruns").resolve().as_uri())
                 tracker = tracking.MLflowTracker(project, logging_dir=str(run_dir.path / "mlruns"),
                                                  run_name=run_dir.path.name)
             tracker.start()
@@ -71,22 +78,53 @@ class Trackers:
         name = "samples" if step > 0 else "eval_samples"
         columns, data = sample_table(folder / f"{name}.jsonl")
         for tracker in self.trackers:
+            if tracker.name == "trackio":  # one log entry per iteration, its table with it
+                import trackio
+
+                table = trackio.Table(columns=columns, data=with_images(data, folder, trackio.Image))
+                tracker.log({**scalars, **({name: table} if data else {})}, step=step)
+                continue
             tracker.log(scalars, step=step)
             if not data:
                 continue
             if tracker.name == "wandb":
-                tracker.log_table(name, columns=columns, data=data, step=step)
+                import wandb
+
+                tracker.log_table(name, columns=columns, data=with_images(data, folder, wandb.Image), step=step)
             elif tracker.name == "mlflow":
                 import mlflow
 
                 mlflow.log_table({c: [r[i] for r in data] for i, c in enumerate(columns)},
                                  artifact_file=f"{name}/{iteration_name(step)}.json")
-            else:  # tensorboard (its text tab renders markdown), trackio
+            else:  # tensorboard: its text tab renders markdown; the kept images (all, for row 0) under Images
                 tracker.log({name: markdown_table(columns, data)}, step=step)
+                kept = [folder / r[1] for r in data if (r[3] or step == 0) and is_image(folder, r[1])]
+                if kept:
+                    tracker.log_images({f"{name}/kept" if step else name: image_batch(kept[:IMAGES])}, step=step,
+                                       dataformats="NHWC")
 
     def finish(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
+
+
+def is_image(folder: Path, output: str) -> bool:
+    return output.endswith(".png") and (folder / output).is_file()
+
+
+def with_images(data: list[list], folder: Path, image) -> list[list]:
+    """The table's rows with each output that is an image's path (diffusion) made `image(path)`."""
+    return [[r[0], image(str(folder / r[1])) if is_image(folder, r[1]) else r[1], *r[2:]] for r in data]
+
+
+def image_batch(paths: list[Path]):
+    """The images as one uint8 NHWC array (resized to the first one's size)."""
+    import numpy as np
+    from PIL import Image
+
+    first = Image.open(paths[0]).convert("RGB")
+    return np.stack([np.asarray(first)] + [np.asarray(Image.open(p).convert("RGB").resize(first.size))
+                                           for p in paths[1:]])
 
 
 def sample_table(path: Path) -> tuple[list[str], list[list]]:

@@ -71,3 +71,60 @@ def test_bad_trackers_are_one_line_before_anything_runs(tiny_model_dir, prompt_f
     assert result.stderr.strip() == (f"raft: error: trackers: '{missing[0]}' needs the {missing[0]} package "
                                      f"(pip install 'raft-align[{missing[0]}]')")
     assert not (tmp_path / "run").exists()
+
+
+def test_trackio_gets_the_rows_and_a_table(tiny_model_dir, prompt_file, tmp_path):
+    pytest.importorskip("trackio")
+    import subprocess
+    import sys
+
+    env = {"TRACKIO_DIR": str(tmp_path / "trackio")}
+    base = tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run")
+    result = run_cli("run", *base, "iterations=1", "trackers=[trackio]", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / "run/tensorboard").exists()
+    read = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage; "
+            "print(json.dumps(SQLiteStorage.get_logs('raft', 'run')))")
+    import os
+
+    logs = json.loads(subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, check=True,
+                                     env={**os.environ, **env}).stdout.splitlines()[-1])
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [log["step"] for log in logs] == [0, 1]
+    assert [log["eval/reward_mean"] for log in logs] == pytest.approx([r["eval/reward_mean"] for r in rows])
+    table = logs[1]["samples"]["_value"]
+    samples = [json.loads(line) for line in (tmp_path / "run/iterations/iter-0001/samples.jsonl").read_text().splitlines()]
+    assert [(t["prompt"], t["output"], t["kept"]) for t in table] == [(s["prompt"], s["output"], s["selected"]) for s in samples]
+
+
+def test_diffusion_runs_show_their_kept_images_in_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+
+    from raft.rundir import RunDirectory
+    from raft.trackers import Trackers
+
+    run = tmp_path / "run"
+    folder = run / "iterations/iter-0001"
+    (folder / "images").mkdir(parents=True)
+    (run / "config.yaml").write_text("modality: diffusion\n")
+    (run / "state.json").write_text('{"completed_iteration": 1}\n')
+    (run / "metrics.jsonl").write_text('{"iteration": 1, "reward/policy_mean": 0.5}\n')
+    records = []
+    for i, shade in enumerate([10, 200, 90]):
+        Image.new("RGB", (6, 4), (0, shade, 0)).save(folder / f"images/samples-{i:05d}.png")
+        records.append({"iteration": 1, "prompt_index": 0, "prompt": "a square", "output": f"images/samples-{i:05d}.png",
+                        "reward": shade / 255, "selected": shade > 50})
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    trackers = Trackers(["tensorboard"], RunDirectory(run))
+    trackers.logged = 0
+    trackers.sync()
+    trackers.finish()
+    logged = events(run)
+    assert [p.value for p in logged.Scalars("reward/policy_mean")] == [0.5]
+    [grid] = logged.Images("samples/kept")  # the kept images side by side
+    import io
+
+    image = Image.open(io.BytesIO(grid.encoded_image_string)).convert("RGB")
+    assert (grid.width, grid.height) == (12, 4) and grid.step == 1
+    assert [image.getpixel((x, 0))[1] for x in (0, 5, 6, 11)] == [200, 200, 90, 90]
