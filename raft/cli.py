@@ -60,6 +60,16 @@ wait; more are turned away. A run whose config names code (a ranker function, re
 --trust-run-code."""
 
 
+EXPORT_USAGE = """raft export RUN --format samples|sft|preferences --out DIR [--min-margin M] [--conversational]
+
+Writes the samples of run directory RUN as a Hugging Face dataset in DIR: DIR/data/*.parquet (datasets.load_dataset(DIR)),
+DIR/arrow (datasets.load_from_disk) and a dataset card DIR/README.md. samples: every sample with its reward(s) and
+`kept`; sft: the kept set as prompt / completion (and chat `messages`); preferences: West-of-N pairs, per prompt and
+iteration the best and the worst of the N samples as chosen / rejected with both rewards and the margin, pairs with
+a margin below M (default 0; ties are always left out) dropped. --conversational: prompt, completion, chosen and
+rejected as chat messages (TRL's conversational format). Diffusion runs' images are datasets.Image columns."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `raft` command; a reader that closes the pipe early (`raft run --help | head`) ends it quietly."""
     try:
@@ -115,6 +125,13 @@ def _main(argv: list[str] | None = None) -> int:
     demo.add_argument("--trust-run-code", action="store_true")
     demo.add_argument("--auth", default=None, metavar="USER:PASSWORD|@FILE")
     demo.add_argument("--max-queue", type=positive, default=8)
+    export = commands.add_parser("export", usage=EXPORT_USAGE, help="a run's samples as a Hugging Face dataset "
+                                 "(samples, sft, West-of-N preferences)")
+    export.add_argument("run_path", metavar="RUN")
+    export.add_argument("--format", required=True, metavar="samples|sft|preferences")
+    export.add_argument("--out", required=True, metavar="DIR")
+    export.add_argument("--min-margin", default="0")
+    export.add_argument("--conversational", action="store_true")
     show_parser = commands.add_parser("config", help="print the resolved config as YAML (nothing runs)")
     show_parser.add_argument("--modality", default=None)
     show_parser.add_argument("--config", default=None)
@@ -127,6 +144,8 @@ def _main(argv: list[str] | None = None) -> int:
             return run_baseline(args, overrides, argv)
         if args.command == "demo":
             return run_demo(args, overrides)
+        if args.command == "export":
+            return run_export(args, overrides)
         if args.command == "run" and args.help:
             print_help(args.modality or "text")
             return 0
@@ -187,6 +206,22 @@ def run_baseline(args: argparse.Namespace, overrides: list[str], argv: list[str]
                 budget_samples=number_option(args.budget_samples, "--budget-samples", int),
                 budget_seconds=number_option(args.budget_seconds, "--budget-seconds", float),
                 seeds=parse_seeds(args.seeds))
+    return 0
+
+
+def run_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    from raft.export import export_run
+
+    if overrides:
+        raise RaftError(f"unexpected argument '{overrides[0]}' (see raft export --help)")
+    try:
+        min_margin = float(args.min_margin)
+    except ValueError:
+        raise RaftError(f"--min-margin must be a number, got '{args.min_margin}'") from None
+    out = export_run(args.run_path, args.format, args.out, min_margin=min_margin, conversational=args.conversational)
+    import datasets
+
+    print(f"exported {len(datasets.load_from_disk(str(out / 'arrow')))} rows ({args.format}) to {out}")
     return 0
 
 

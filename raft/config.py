@@ -149,6 +149,15 @@ class RaftConfig:
     ranker_timeout_s: float | None = option(
         None, "Seconds one scoring call of the rankers may take; longer stops the run in one line (completed "
         "iterations stay). null: no limit.")
+    trackers: list[str] = option(
+        ["tensorboard"], "Experiment trackers (accelerate's): tensorboard (written to RUN/tensorboard), wandb, trackio, "
+        "mlflow (RUN/mlruns); each metrics row at its iteration and a table of the iteration's samples. []: none.")
+    ranker_aggregation: Literal["sum", "zscore", "rank"] = option(
+        "sum", "How the rankers' scores combine into the reward. sum: sum of weight * score; zscore: each ranker's "
+        "scores standardized over the batch scored together (the iteration's samples; the held-out samples), then "
+        "summed with the weights; rank: weighted average of each ranker's rank in that batch, in [0, 1]. Raw and "
+        "normalized scores are both recorded per sample (rewards, rewards_normalized), and eval/reward/<ranker> "
+        "is each ranker's raw held-out mean.")
     selection: SelectionConfig = option(SelectionConfig(), "Selection of the kept set.")
     kl: KLConfig = option(KLConfig(), "KL-regularized ranking against the starting model.")
     guard: GuardConfig = option(GuardConfig(), "Collapse guard: bounds on held-out metrics that stop the run.")
@@ -165,6 +174,9 @@ class RaftConfig:
         self._validate_defences()
         _check(self.seed >= 0, "seed", "must be >= 0")
         _check(self.iterations >= 0, "iterations", "must be >= 0")
+        from raft.trackers import check_trackers
+
+        check_trackers(self.trackers)
         _check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")

@@ -58,6 +58,7 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
     modality = get_modality(config.modality)
     parts = modality.build(config, checkpoint=on_main(run_dir.latest_checkpoint))
     done = evaluate_starting_policy(run_dir, parts, config)
+    trackers = open_trackers(config, run_dir) if distributed.is_main() else None
 
     stopped = False
     for iteration in range(done + 1, config.iterations + 1):
@@ -115,6 +116,8 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
             )
             plot_metrics(run_dir.metrics(), run_dir.path / "metrics.png")
             report(row, config.iterations)
+            if trackers:
+                trackers.sync()
         elif not rollback:
             parts.finetuner.save_checkpoint(None)  # takes part in gathering sharded weights
         distributed.barrier()
@@ -122,6 +125,8 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
     if not stopped:
         on_main(lambda: guard_stopped(config, run_dir))  # says so when the last iteration crossed a bound
     on_main(lambda: summarize(run_dir))
+    if trackers:
+        trackers.finish()
     distributed.finish()
     return run_dir.path
 
@@ -162,6 +167,19 @@ def generate_sharded(generator, prompts: list[str], samples_per_prompt: int, see
             finish(samples)
         mine.append((index, samples))
     return [one for _, samples in sorted(distributed.gather(mine), key=lambda part: part[0]) for one in samples]
+
+
+def open_trackers(config: RaftConfig, run_dir: RunDirectory):
+    """config.trackers, having logged what is committed and not logged yet (row 0 of a new run); None if none."""
+    if not getattr(config, "trackers", None):
+        return None
+    from raft.trackers import Trackers
+
+    trackers = Trackers(config.trackers, run_dir)
+    if run_dir.completed_iteration == 0:  # a new run: row 0 (the starting policy)
+        trackers.logged = -1
+    trackers.sync()
+    return trackers
 
 
 def open_run_directory(config: RaftConfig, resume: bool, name: str, allow_changed_settings: bool = False) -> RunDirectory:
@@ -334,6 +352,8 @@ def evaluate(parts: Components, per_shard: int | None = None) -> tuple[dict, lis
     metrics = {"eval/reward_mean": mean(rewards), "eval/reward_sem": standard_error(rewards)}
     if parts.reference is not None:
         metrics["eval/kl_to_start"] = mean(s.kl for s in samples)
+    for name in dict.fromkeys(name for s in samples for name in s.rewards):  # each ranker's raw held-out mean
+        metrics[f"eval/reward/{name}"] = mean(s.rewards[name] for s in samples if name in s.rewards)
     if parts.opening is not None and samples:
         openings = Counter(parts.opening(s, OPENING_WORDS) for s in samples)
         metrics["eval/top_opening_share"] = openings.most_common(1)[0][1] / len(samples)

