@@ -155,8 +155,8 @@ class LoraConfig:
 @dataclass
 class ReplayConfig:
     share: float = option(
-        0.5, "Reference replay (InstructGPT's 'ptx' term): reference texts added to each optimizer step, as a share "
-        "of the step's kept examples (0.5: one text per two kept samples), trained with the plain LM loss. 0: off.")
+        0.25, "Reference replay (InstructGPT's 'ptx' term): reference texts added to each optimizer step, as a share "
+        "of the step's kept examples (0.25: one text per four kept samples), trained with the plain LM loss. 0: off.")
     weight: float = option(1.0, "Weight of the replayed texts' LM loss (mean over their tokens) beside the kept samples' loss.")
     texts: str = option(
         "imdb", "Texts replayed: 'imdb' (reviews whose openings are training prompts, never the held-out ones) or a "
@@ -178,7 +178,7 @@ class TextFinetuneConfig:
     rrhf_weight: float = option(1.0, "objective rrhf: weight of the ranking loss beside the supervised loss on the best.")
     length_penalty: float = option(
         1.0, "objective rrhf: a candidate's score is its summed log-probability / (response tokens ** length_penalty).")
-    learning_rate: float = option(5e-5, "AdamW learning rate, constant (LMFlow: 2e-5; 2e-4 for gpt2 on IMDB).")
+    learning_rate: float = option(2e-4, "AdamW learning rate, constant (LMFlow: 2e-5; 2e-4 for gpt2 on IMDB, as here).")
     epochs: int = option(2, "Passes over the kept set per iteration (LMFlow: 4).")
     batch_size: int = option(
         8, "Examples per optimizer step (split into micro-batches by gradient_accumulation_steps); objective "
@@ -214,10 +214,12 @@ class TextEvalConfig:
 @dataclass
 class TextKLConfig(KLConfig):
     beta: float = option(
-        0.1,
+        0.02,
         "Weight of KL_i in the ranking score reward - beta * KL_i, where KL_i = log pi(y|x) - log pi_0(y|x) is "
         "the sample's log-ratio between the current policy and the starting one, summed over the response "
-        "(the start value when adaptive). 0: rank by reward alone.",
+        "(the start value when adaptive). 0: rank by reward alone. The default's KL_i spread over a prompt's "
+        "candidates is several nats: at 0.1 the KL term outweighed VADER's [-1, 1] and the kept samples were the "
+        "closest to the start, not the most positive.",
     )
 
 
