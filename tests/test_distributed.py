@@ -29,7 +29,12 @@ def raft_run(args: list[str], processes: int) -> subprocess.CompletedProcess:
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "raft"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([*launcher, "run", *args], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    # Known flake (about 1 launch in 20 on a loaded machine, issue 13's note): a worker aborts in C++ teardown
+    # ("terminate called without an active exception") after the run finished and the main process committed
+    # everything. Accepted only then: the caller still compares every file the run wrote.
+    torn_down = (processes > 1 and "terminate called without an active exception" in result.stderr
+                 and "held-out reward:" in result.stdout)
+    assert result.returncode == 0 or torn_down, result.stdout[-2000:] + result.stderr[-6000:]
     return result
 
 
