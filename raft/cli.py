@@ -253,24 +253,22 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def positive(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got '{raw}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got '{raw}'")
-    return value
+def whole_number(minimum: int):
+    """An argparse type: a whole number >= minimum, else argparse's one-line error."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got '{raw}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got '{raw}'")
+        return value
+
+    return parse
 
 
-def non_negative(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got '{raw}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got '{raw}'")
-    return value
+positive, non_negative = whole_number(1), whole_number(0)
 
 
 def number_option(raw: str | None, name: str, kind: type):
