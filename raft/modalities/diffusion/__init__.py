@@ -29,8 +29,9 @@ class DiffusionModality(Modality):
         from raft.modalities.diffusion.evaluate import GRID_FILE, DiffusionEvaluator, write_grid
         from raft.modalities.diffusion.finetune import DiffusionFineTuner
         from raft.modalities.diffusion.generators import build_external_generators, build_generator
-        from raft.modalities.diffusion.model import load_policy, resolve_device
+        from raft.modalities.diffusion.model import load_policy
         from raft.modalities.diffusion.rankers import build_ranker, clip_model_of
+        from raft.finetune.distributed import resolve_device
         from raft.rankers import with_aggregation, with_timeout
         from raft.modalities.diffusion.sampler import DiffusionSampler
 

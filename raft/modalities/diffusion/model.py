@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from raft.errors import RaftError
-from raft.finetune.distributed import resolve_device  # noqa: F401 (also imported from here)
+from raft.finetune.distributed import resolve_device
 from raft.modalities.diffusion.config import DiffusionLoraConfig, DiffusionModelConfig
 
 ASSETS = Path(__file__).parent / "assets"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from raft.errors import RaftError
-from raft.finetune.distributed import resolve_device  # noqa: F401 (also imported from here)
+from raft.finetune.distributed import resolve_device
 from raft.modalities.text.config import LoraConfig, TextModelConfig
 
 BUILTIN_PREFIX = "builtin:"
