@@ -143,6 +143,10 @@ class RaftConfig:
         "evaluation, are spread over the processes of a multi-process run (torchrun, accelerate launch). null: one "
         "shard per process. Samples depend on the shard size, not on the number of processes: fix it to get the "
         "same samples from 1 or N processes.")
+    eval_every: int = option(
+        1, "Held-out evaluation (reward, KL to the start, diversity, perplexity; what the guard checks) after every "
+        "this many iterations, and always after the last one (and before training). 1: every iteration. The "
+        "training samples' own figures (reward, KL_i) are recorded every iteration either way.")
     max_train_seconds: float | None = option(
         None, "Wall-clock budget: start no further iteration once the completed ones spent this many seconds "
         "generating, ranking, selecting and fine-tuning (evaluation not counted); null: run all iterations.")
@@ -180,6 +184,7 @@ class RaftConfig:
         _check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _check(self.eval_every >= 1, "eval_every", "must be >= 1")
         _check(self.prompts_per_shard is None or self.prompts_per_shard >= 1, "prompts_per_shard", "must be >= 1 or null")
         _check(self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds", "must be > 0 or null")
         _check(self.ranker_timeout_s is None or self.ranker_timeout_s > 0, "ranker_timeout_s", "must be > 0 or null")
