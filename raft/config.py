@@ -97,7 +97,7 @@ class KLConfig:
 
 @dataclass
 class GuardConfig:
-    """Collapse guard: bounds on the held-out metrics, checked after every iteration."""
+    """Collapse guard: bounds on the held-out metrics, checked after every evaluated iteration (see eval_every)."""
 
     max_kl: float | None = option(
         None, "Stop once eval/kl_to_start (KL of the policy to the starting model on held-out samples, nats per "
