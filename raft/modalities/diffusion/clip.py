@@ -51,12 +51,15 @@ class ClipEmbedder:
 
 
 class HFClip(ClipEmbedder):
-    def __init__(self, name: str, source: str, processor_source: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, name: str, source: str, processor_source: str, device: torch.device, dtype: torch.dtype,
+                 model: torch.nn.Module | None = None):
+        """`model`: weights already built (HPSv2's, renamed from open_clip) instead of loading `source`."""
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         super().__init__(name, device, dtype)
         try:
-            self.model = AutoModel.from_pretrained(source, dtype=dtype).to(device).eval()
+            model = model if model is not None else AutoModel.from_pretrained(source, dtype=dtype)
+            self.model = model.to(device, dtype).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(processor_source)
             self.image_processor = AutoImageProcessor.from_pretrained(processor_source)
         except (OSError, ValueError, KeyError) as error:
@@ -81,6 +84,10 @@ class HFClip(ClipEmbedder):
     @property
     def image_dim(self) -> int:
         return int(self.model.config.projection_dim)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
 
 
 class OpenClip(ClipEmbedder):
@@ -114,6 +121,10 @@ class OpenClip(ClipEmbedder):
     @property
     def image_dim(self) -> int:
         return int(self.model.visual.output_dim)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
 
 
 @lru_cache(maxsize=4)
