@@ -316,7 +316,11 @@ def train_rm(config: TrainRMConfig) -> dict:
     ensemble = [torch.stack([s[j] for s in member_scores]).mean(0) for j in (0, 1)]
     report["ensemble_accuracy"] = accuracy(*ensemble)
     model.load_state_dict(average_weights(states))
-    report["warm_accuracy"] = accuracy(*rewards(model, tokenizer, config, held_out, device))
+    warm = rewards(model, tokenizer, config, held_out, device)
+    report["warm_accuracy"] = accuracy(*warm)
+    # how often the one averaged model orders a pair as the M-model ensemble does
+    report["warm_ensemble_agreement"] = float(((warm[0] > warm[1]) == (ensemble[0] > ensemble[1])).float().mean())
+    report["member_mean_accuracy"] = sum(m["accuracy"] for m in report["members"]) / config.members
     save(model, tokenizer, out)
     (out / "warm.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"  ensemble of outputs: {report['ensemble_accuracy']:.3f}; weight average (WARM): "
