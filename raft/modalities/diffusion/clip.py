@@ -127,15 +127,22 @@ class OpenClip(ClipEmbedder):
         return float(self.model.logit_scale.exp())
 
 
-@lru_cache(maxsize=4)
 def load_clip(name: str, processor: str | None = None, device: str = "cpu", dtype: str = "float32",
               field: str = "rankers") -> ClipEmbedder:
-    """The embedder for `name` (see the module docstring), cached per process."""
+    """The embedder for `name` (see the module docstring), cached per process whatever `field` asks for it (errors
+    name the field), so a ranker and the diversity metric share one copy of a large CLIP."""
+    if name.startswith(OPEN_CLIP_PREFIX):
+        return _cached(name, None, None, device, dtype)
+    source = resolve_source(name, field)
+    processor_source = resolve_source(processor, field) if processor else source
+    return _cached(name, source, processor_source, device, dtype)
+
+
+@lru_cache(maxsize=4)
+def _cached(name: str, source: str | None, processor_source: str | None, device: str, dtype: str) -> ClipEmbedder:
     torch_device, torch_dtype = torch.device(device), getattr(torch, dtype)
     if name.startswith(OPEN_CLIP_PREFIX):
         return OpenClip(name, name.removeprefix(OPEN_CLIP_PREFIX), torch_device, torch_dtype)
-    source = resolve_source(name, field)
-    processor_source = resolve_source(processor, field) if processor else source
     return HFClip(name, source, processor_source, torch_device, torch_dtype)
 
 
