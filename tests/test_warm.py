@@ -88,3 +88,14 @@ def test_bad_input_is_one_line(tmp_path, capsys, setting, message):
     import re
 
     assert re.search(message, err), err
+
+
+def test_image_pairs_are_refused_in_one_line(tmp_path):
+    import datasets
+    from PIL import Image
+
+    rows = [{"prompt": "p", "chosen": Image.new("RGB", (4, 4)), "rejected": Image.new("RGB", (4, 4), (9, 9, 9))}]
+    features = datasets.Features({"prompt": datasets.Value("string"), "chosen": datasets.Image(), "rejected": datasets.Image()})
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "images" / "arrow"))
+    with pytest.raises(RaftError, match="holds image pairs; train-rm trains text reward models"):
+        load_pairs(str(tmp_path / "images"), TrainRMConfig(), "data")
