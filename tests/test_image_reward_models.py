@@ -278,6 +278,9 @@ def test_imagereward_scores_as_its_score_function(imagereward_stand_in):
     # the text encoder attends to the image: the same prompt scores two images differently
     same = reward.score([Sample(0, prompts[0], noise_image(5, 20)), Sample(0, prompts[0], noise_image(6, 20))])
     assert abs(same[0] - same[1]) > 1e-5
+    # encoders in bfloat16 (the pipeline's dtype), the head in float32 as ImageReward runs it
+    half = build_ranker([DiffusionRankerConfig(kind="imagereward", model=str(folder), processor=str(bert))], CPU, "bfloat16")
+    assert half.score(batch) == pytest.approx(scores, abs=0.1)
 
 
 def test_imagereward_bad_folders_are_one_line(imagereward_stand_in, tmp_path):

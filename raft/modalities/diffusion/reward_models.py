@@ -216,7 +216,9 @@ def load_imagereward(spec: str, tokenizer_source: str, device: torch.device, dty
     size = vision.image_size  # ImageReward: Resize(224, bicubic), CenterCrop(224), CLIP's mean and std
     processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                    resample=3, image_mean=OPENAI_MEAN, image_std=OPENAI_STD)
-    return model.to(device, dtype).eval().requires_grad_(False), tokenizer, processor
+    model = model.to(device, dtype).eval().requires_grad_(False)
+    model.mlp.float()  # ImageReward runs its head in float32 whatever the encoders' dtype (txt_features.float())
+    return model, tokenizer, processor
 
 
 class ImageRewardRanker(Ranker):
