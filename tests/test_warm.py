@@ -99,3 +99,9 @@ def test_image_pairs_are_refused_in_one_line(tmp_path):
     datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "images" / "arrow"))
     with pytest.raises(RaftError, match="holds image pairs; train-rm trains text reward models"):
         load_pairs(str(tmp_path / "images"), TrainRMConfig(), "data")
+
+
+def test_help_lists_every_setting(capsys):
+    assert main(["train-rm", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: raft train-rm" in out and "members (default 4)" in out and "eval_data (default null)" in out
