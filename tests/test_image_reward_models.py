@@ -330,3 +330,28 @@ def test_defaults_are_the_published_ids():
                                                               "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
     assert clip_model_of(DiffusionRankerConfig(kind="imagereward")) == "THUDM/ImageReward"
     assert clip_model_of(DiffusionRankerConfig(kind="laion-aesthetic-v2")) == "openai/clip-vit-large-patch14"
+
+
+def test_a_diffusion_run_rewarded_by_pickscore_and_laion_aesthetic_v2(tiny_sd_dir, tiny_clip_dir, tmp_path, one_thread):
+    """In the loop: the published kinds score a run's images, and the diversity metric embeds with PickScore's CLIP
+    (a bare model folder: without its `processor` default applied there, the run would stop)."""
+    import raft
+    from tiny_diffusion import tiny_diffusion_overrides
+
+    bare = tmp_path / "pickscore"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_clip_dir / name, bare / name)
+    torch.save(AestheticMLP(16).state_dict(), tmp_path / "head.pth")
+    overrides = [o for o in tiny_diffusion_overrides(tiny_sd_dir, tiny_clip_dir, tmp_path / "run")
+                 if not o.startswith(("--modality", "diffusion", "rankers."))]
+    overrides += ["iterations=1", f"rankers=[{{kind: pickscore, model: {bare}, processor: {tiny_clip_dir}}}, "
+                  f"{{kind: laion-aesthetic-v2, model: {tiny_clip_dir}, weights: {tmp_path / 'head.pth'}, weight: 0.5}}]"]
+    run_dir = raft.run(raft.load_config("diffusion", overrides=overrides))
+    rows = [json.loads(line) for line in (run_dir / "iterations/iter-0001/samples.jsonl").read_text().splitlines()]
+    assert rows and all(set(r["rewards"]) == {"pickscore", "laion-aesthetic-v2"} for r in rows)
+    assert all(r["reward"] == pytest.approx(r["rewards"]["pickscore"] + 0.5 * r["rewards"]["laion-aesthetic-v2"], abs=1e-4)
+               for r in rows)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(m["eval/diversity"]) for m in metrics if "eval/diversity" in m)
+    assert any("eval/diversity" in m for m in metrics)
