@@ -69,6 +69,15 @@ iteration the best and the worst of the N samples as chosen / rejected with both
 a margin below M (default 0; ties are always left out) dropped. --conversational: prompt, completion, chosen and
 rejected as chat messages (TRL's conversational format). Diffusion runs' images are datasets.Image columns."""
 
+TRAIN_RM_USAGE = """raft train-rm [--config FILE.yaml] data=PAIRS out=DIR [key=value ...]
+
+WARM (weight-averaged reward models): fine-tunes `members` reward models from one shared init (`base` with one
+score head) on the preference pairs in PAIRS (a `raft export --format preferences` folder or any DPO-style dataset
+with prompt / chosen / rejected), each with its own seed (data order, dropout), with the Bradley-Terry loss, and
+writes the average of their weights to DIR as a sequence-classification model that `rankers: [{kind: classifier,
+model: DIR}]` loads. DIR/warm.json holds the held-out pairwise accuracy of each member, of the ensemble of their
+outputs and of the weight average."""
+
 
 def main(argv: list[str] | None = None) -> int:
     """The `raft` command; a reader that closes the pipe early (`raft run --help | head`) ends it quietly."""
@@ -132,6 +141,10 @@ def _main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, metavar="DIR")
     export.add_argument("--min-margin", default="0")
     export.add_argument("--conversational", action="store_true")
+    train_rm = commands.add_parser("train-rm", usage=TRAIN_RM_USAGE, add_help=False,
+                                   help="WARM: train M reward models on preference pairs and average their weights")
+    train_rm.add_argument("--config", default=None)
+    train_rm.add_argument("-h", "--help", action="store_true")
     show_parser = commands.add_parser("config", help="print the resolved config as YAML (nothing runs)")
     show_parser.add_argument("--modality", default=None)
     show_parser.add_argument("--config", default=None)
@@ -146,6 +159,8 @@ def _main(argv: list[str] | None = None) -> int:
             return run_demo(args, overrides)
         if args.command == "export":
             return run_export(args, overrides)
+        if args.command == "train-rm":
+            return run_train_rm(args, overrides)
         if args.command == "run" and args.help:
             print_help(args.modality or "text")
             return 0
@@ -222,6 +237,19 @@ def run_export(args: argparse.Namespace, overrides: list[str]) -> int:
     import datasets
 
     print(f"exported {len(datasets.load_from_disk(str(out / 'arrow')))} rows ({args.format}) to {out}")
+    return 0
+
+
+def run_train_rm(args: argparse.Namespace, overrides: list[str]) -> int:
+    from raft.warm import TrainRMConfig, train_rm
+
+    if args.help:
+        print("usage: " + TRAIN_RM_USAGE)
+        print("\nsettings (key (default): meaning):")
+        for line in describe(TrainRMConfig):
+            print("  " + line)
+        return 0
+    train_rm(load_config(TrainRMConfig, args.config, overrides))
     return 0
 
 

@@ -149,3 +149,10 @@ def test_callable_ranker_gets_prompts_and_images(tmp_path):
 def test_open_clip_names_need_open_clip():
     with pytest.raises(RaftError, match="needs open_clip"):
         load_clip("open_clip:ViT-B-32/laion2b_s34b_b79k")
+
+
+def test_one_clip_copy_serves_the_ranker_and_the_diversity_metric(tiny_clip_dir):
+    ranker_copy = load_clip(str(tiny_clip_dir), None, "cpu", "float32", "rankers.0.model")
+    assert load_clip(str(tiny_clip_dir), None, "cpu", "float32", "eval.embedding_model") is ranker_copy
+    with pytest.raises(RaftError, match="eval.embedding_model: no such folder"):
+        load_clip("/absent/clip", None, "cpu", "float32", "eval.embedding_model")

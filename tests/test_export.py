@@ -90,6 +90,19 @@ def test_exported_preferences_train_trl_dpo_for_a_step(text_run, tiny_model_dir,
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+def test_exported_preferences_train_a_warm_reward_model(text_run, tiny_model_dir, tmp_path, one_thread):
+    """`raft export --format preferences` (chat messages) -> `raft train-rm` -> a classifier ranker's folder."""
+    from raft.cli import main
+
+    prefs = export_run(text_run, "preferences", tmp_path / "prefs", conversational=True)
+    out = tmp_path / "rm"
+    assert main(["train-rm", f"data={prefs}", f"eval_data={prefs}", f"base={tiny_model_dir}", f"out={out}",
+                 "members=2", "batch_size=2", "max_length=64"]) == 0
+    report = json.loads((out / "warm.json").read_text())
+    assert report["train_pairs"] == report["eval_pairs"] >= 1 and len(report["members"]) == 2
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
 def test_diffusion_images_export_as_datasets_image(tmp_path):
     import datasets
     from PIL import Image

@@ -30,7 +30,7 @@ class DiffusionModality(Modality):
         from raft.modalities.diffusion.finetune import DiffusionFineTuner
         from raft.modalities.diffusion.generators import build_external_generators, build_generator
         from raft.modalities.diffusion.model import load_policy
-        from raft.modalities.diffusion.rankers import build_ranker, clip_model_of
+        from raft.modalities.diffusion.rankers import build_ranker, clip_model_of, processor_of
         from raft.finetune.distributed import resolve_device
         from raft.rankers import with_aggregation, with_timeout
         from raft.modalities.diffusion.sampler import DiffusionSampler
@@ -45,9 +45,10 @@ class DiffusionModality(Modality):
 
         embedding_model = config.eval.embedding_model
         if embedding_model is None:
-            clip_rankers = [r for r in config.rankers if r.kind in ("clip", "aesthetic")]
+            # rankers whose model is a CLIP that load_clip reads (HPSv2's checkpoint and ImageReward's BLIP are not)
+            clip_rankers = [r for r in config.rankers if r.kind in ("clip", "aesthetic", "pickscore", "laion-aesthetic-v2")]
             embedding_model = clip_model_of(clip_rankers[0]) if clip_rankers else "pixels"
-            processor = clip_rankers[0].processor if clip_rankers else None
+            processor = processor_of(clip_rankers[0]) if clip_rankers else None
         else:
             processor = None
         embedder = None if embedding_model == "pixels" else load_clip(embedding_model, processor, str(device),

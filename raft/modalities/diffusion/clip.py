@@ -51,12 +51,15 @@ class ClipEmbedder:
 
 
 class HFClip(ClipEmbedder):
-    def __init__(self, name: str, source: str, processor_source: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, name: str, source: str, processor_source: str, device: torch.device, dtype: torch.dtype,
+                 model: torch.nn.Module | None = None):
+        """`model`: weights already built (HPSv2's, renamed from open_clip) instead of loading `source`."""
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         super().__init__(name, device, dtype)
         try:
-            self.model = AutoModel.from_pretrained(source, dtype=dtype).to(device).eval()
+            model = model if model is not None else AutoModel.from_pretrained(source, dtype=dtype)
+            self.model = model.to(device, dtype).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(processor_source)
             self.image_processor = AutoImageProcessor.from_pretrained(processor_source)
         except (OSError, ValueError, KeyError) as error:
@@ -81,6 +84,10 @@ class HFClip(ClipEmbedder):
     @property
     def image_dim(self) -> int:
         return int(self.model.config.projection_dim)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
 
 
 class OpenClip(ClipEmbedder):
@@ -115,16 +122,27 @@ class OpenClip(ClipEmbedder):
     def image_dim(self) -> int:
         return int(self.model.visual.output_dim)
 
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
 
-@lru_cache(maxsize=4)
+
 def load_clip(name: str, processor: str | None = None, device: str = "cpu", dtype: str = "float32",
               field: str = "rankers") -> ClipEmbedder:
-    """The embedder for `name` (see the module docstring), cached per process."""
+    """The embedder for `name` (see the module docstring), cached per process whatever `field` asks for it (errors
+    name the field), so a ranker and the diversity metric share one copy of a large CLIP."""
+    if name.startswith(OPEN_CLIP_PREFIX):
+        return _cached(name, None, None, device, dtype)
+    source = resolve_source(name, field)
+    processor_source = resolve_source(processor, field) if processor else source
+    return _cached(name, source, processor_source, device, dtype)
+
+
+@lru_cache(maxsize=4)
+def _cached(name: str, source: str | None, processor_source: str | None, device: str, dtype: str) -> ClipEmbedder:
     torch_device, torch_dtype = torch.device(device), getattr(torch, dtype)
     if name.startswith(OPEN_CLIP_PREFIX):
         return OpenClip(name, name.removeprefix(OPEN_CLIP_PREFIX), torch_device, torch_dtype)
-    source = resolve_source(name, field)
-    processor_source = resolve_source(processor, field) if processor else source
     return HFClip(name, source, processor_source, torch_device, torch_dtype)
 
 

@@ -92,36 +92,46 @@ class DiffusionGeneratorConfig(GeneratorConfig):
 
 @dataclass
 class DiffusionRankerConfig:
-    kind: Literal["clip", "aesthetic", "compressibility", "incompressibility", "callable"] = option(
+    kind: Literal["clip", "pickscore", "hpsv2", "imagereward", "laion-aesthetic-v2", "aesthetic", "compressibility",
+                  "incompressibility", "callable"] = option(
         "clip",
-        "clip: 100 x cosine of the CLIP embeddings of image and prompt (HF CLIP or PickScore-style checkpoints, "
-        "or open_clip models); aesthetic: LAION aesthetic predictor over CLIP image embeddings; "
-        "compressibility / incompressibility: minus / plus the JPEG size in kB at `jpeg_quality` (DDPO); "
-        "callable: a Python function fn(prompts, images) -> list of floats.",
+        "clip: 100 x cosine of the CLIP embeddings of image and prompt (HF CLIP checkpoints or open_clip models); "
+        "pickscore: PickScore v1, logit_scale x that cosine; hpsv2: HPS v2, the cosine on its fine-tuned CLIP "
+        "ViT-H-14; imagereward: ImageReward v1.0 (BLIP + MLP, standardised); laion-aesthetic-v2: LAION's improved "
+        "aesthetic predictor (sac+logos+ava1-l14-linearMSE over CLIP ViT-L/14, AVA 1-10 scale); aesthetic: that "
+        "predictor with any head and CLIP; compressibility / incompressibility: minus / plus the JPEG size in kB at "
+        "`jpeg_quality` (DDPO); callable: a Python function fn(prompts, images) -> list of floats.",
     )
     name: str | None = option(None, "Name in metrics and records (default: derived from the ranker).")
     weight: float = option(1.0, "Weight of this ranker when several are combined (reward = weighted sum).")
     model: str | None = option(
         None,
-        "kind clip/aesthetic: the CLIP model, a hub id or local folder (HF CLIPModel), builtin:shapes-clip, or "
-        "open_clip:ARCH/PRETRAINED (e.g. open_clip:ViT-H-14/laion2b_s32b_b79k; needs open-clip-torch). null: "
-        "builtin:shapes-clip for clip, openai/clip-vit-large-patch14 for aesthetic.",
+        "The model, a hub id or local path. clip/aesthetic/pickscore/laion-aesthetic-v2: a CLIP model (HF CLIPModel "
+        "folder or id, builtin:shapes-clip, or open_clip:ARCH/PRETRAINED, which needs open-clip-torch); hpsv2: the "
+        "open_clip checkpoint file (org/repo/file on the hub) or a folder already in HF CLIP layout; imagereward: a "
+        "hub repo or folder holding ImageReward.pt and med_config.json (or the .pt file, the json beside it). null: "
+        "builtin:shapes-clip (clip), openai/clip-vit-large-patch14 (aesthetic, laion-aesthetic-v2), "
+        "yuvalkirstain/PickScore_v1, xswu/HPSv2/HPS_v2_compressed.pt (v2.1: xswu/HPSv2/HPS_v2.1_compressed.pt), "
+        "THUDM/ImageReward.",
     )
     processor: str | None = option(
-        None, "kind clip/aesthetic: hub id or folder of the tokenizer and image processor when `model` has none "
-        "(PickScore: laion/CLIP-ViT-H-14-laion2B-s32B-b79K). null: from `model`.")
-    prompt_template: str = option("{prompt}", "kind clip: the text scored against each image; `{prompt}` is the prompt.")
+        None, "Hub id or folder of what `model` lacks: the tokenizer and image processor of CLIP kinds (and for "
+        "hpsv2 the CLIP config its checkpoint is loaded into), the BERT tokenizer of imagereward. null: from "
+        "`model`; pickscore and hpsv2: laion/CLIP-ViT-H-14-laion2B-s32B-b79K; imagereward: google-bert/bert-base-uncased.")
+    prompt_template: str = option(
+        "{prompt}", "kinds clip, pickscore, hpsv2: the text scored against each image; `{prompt}` is the prompt.")
     head: Literal["mlp", "linear"] = option(
         "mlp", "kind aesthetic: mlp (the improved predictor, 768-1024-128-64-16-1) or linear (v1, Linear(768, 1)).")
     weights: str | None = option(
         None,
-        "kind aesthetic: the head's weights, a local .pth/.pt/.bin/.safetensors file or a hub file as "
-        "org/repo/file (loaded safely: safetensors or torch.load(weights_only=True)). null with head mlp: "
-        "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth.",
+        "kinds aesthetic, laion-aesthetic-v2: the head's weights, a local .pth/.pt/.bin/.safetensors file or a hub "
+        "file as org/repo/file (loaded safely: safetensors or torch.load(weights_only=True)). null with head mlp: "
+        "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth (the sac+logos+ava1-l14-linearMSE head as TRL's DDPO "
+        "publishes it on the hub; LAION's own copy is on GitHub).",
     )
     jpeg_quality: int = option(95, "kind compressibility/incompressibility: JPEG quality of the size measurement.")
     function: str | None = option(None, "kind callable: module:function or path/to/file.py:function.")
-    batch_size: int = option(32, "kind clip/aesthetic: images per forward pass.")
+    batch_size: int = option(32, "Model kinds (all but compressibility and callable): images per forward pass.")
 
 
 @dataclass

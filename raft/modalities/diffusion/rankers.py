@@ -1,10 +1,14 @@
-"""Image rankers: CLIP score, the LAION aesthetic predictor, JPEG (in)compressibility, and Python callables.
+"""Image rankers: CLIP score, published preference models (PickScore, HPSv2, ImageReward, LAION aesthetic v2),
+the LAION aesthetic predictor with any head, JPEG (in)compressibility, and Python callables.
 
-- CLIP score: 100 x cosine(CLIP image embedding, CLIP text embedding of the prompt). PickScore is a CLIP
-  checkpoint too (`model: yuvalkirstain/PickScore_v1`, `processor: laion/CLIP-ViT-H-14-laion2B-s32B-b79K`).
+- CLIP score: 100 x cosine(CLIP image embedding, CLIP text embedding of the prompt).
+- PickScore: logit_scale.exp() x the same cosine, on yuvalkirstain/PickScore_v1 (processor:
+  laion/CLIP-ViT-H-14-laion2B-s32B-b79K). HPSv2: the cosine, on HPS_v2_compressed.pt renamed onto CLIP ViT-H-14.
+  ImageReward: BLIP + MLP head, standardised. See reward_models.py for how each is loaded.
 - Aesthetic: a head over the L2-normalised CLIP image embedding (OpenAI CLIP ViT-L/14 for LAION's weights):
-  the improved predictor (MLP 768-1024-128-64-16-1, `sac+logos+ava1-l14-linearMSE.pth`) or v1
-  (Linear(768, 1), `sa_0_4_vit_l_14_linear.pth`). Scores are on the AVA 1-10 scale.
+  the improved predictor (MLP 768-1024-128-64-16-1, `sac+logos+ava1-l14-linearMSE.pth`; kind
+  laion-aesthetic-v2 fixes these defaults) or v1 (Linear(768, 1), `sa_0_4_vit_l_14_linear.pth`). Scores are on
+  the AVA 1-10 scale.
 - JPEG: the size of the image saved as JPEG at quality 95, in kB; compressibility is minus the size (DDPO).
 """
 
@@ -25,20 +29,30 @@ from raft.rankers import CallableRanker, WeightedSum
 DEFAULT_CLIP = "builtin:shapes-clip"
 DEFAULT_AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_AESTHETIC_WEIGHTS = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
+VIT_H_14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+# each published model's defaults: `model` and `processor` (hub ids; local paths work the same)
+PUBLISHED = {
+    "pickscore": ("yuvalkirstain/PickScore_v1", VIT_H_14),
+    "hpsv2": ("xswu/HPSv2/HPS_v2_compressed.pt", VIT_H_14),
+    "imagereward": ("THUDM/ImageReward", "google-bert/bert-base-uncased"),
+    "laion-aesthetic-v2": (DEFAULT_AESTHETIC_CLIP, None),
+}
 
 
 class ClipScoreRanker(Ranker):
+    """scale x cosine(image, prompt): 100 for CLIP score, the model's logit scale for PickScore, 1 for HPSv2."""
+
     def __init__(self, embedder: ClipEmbedder, prompt_template: str = "{prompt}", batch_size: int = 32,
-                 name: str | None = None):
+                 name: str | None = None, scale: float = 100.0):
         self.embedder, self.template, self.batch_size = embedder, prompt_template, batch_size
-        self.name = name or "clip_score"
+        self.name, self.scale = name or "clip_score", scale
 
     def score(self, samples: list[Sample]) -> list[float]:
         texts = sorted({self.template.replace("{prompt}", s.prompt) for s in samples})  # K samples share a prompt
         text_embeddings = dict(zip(texts, self.embedder.embed_texts(texts)))
         images = self.embedder.embed_images([s.output for s in samples], self.batch_size)
         targets = torch.stack([text_embeddings[self.template.replace("{prompt}", s.prompt)] for s in samples])
-        return (100.0 * (images * targets).sum(-1)).tolist()
+        return (self.scale * (images * targets).sum(-1)).tolist()
 
 
 class AestheticMLP(nn.Module):
@@ -130,7 +144,36 @@ class JpegRanker(Ranker):
 
 
 def clip_model_of(config: DiffusionRankerConfig) -> str:
+    if config.kind in PUBLISHED:
+        return config.model or PUBLISHED[config.kind][0]
     return config.model or (DEFAULT_CLIP if config.kind == "clip" else DEFAULT_AESTHETIC_CLIP)
+
+
+def processor_of(config: DiffusionRankerConfig) -> str | None:
+    return config.processor or (PUBLISHED[config.kind][1] if config.kind in PUBLISHED else None)
+
+
+def build_published(config: DiffusionRankerConfig, device: torch.device, dtype: str, field: str) -> Ranker:
+    """PickScore, HPSv2, ImageReward or LAION aesthetic v2, with the published defaults."""
+    from raft.modalities.diffusion import reward_models
+
+    model, processor = clip_model_of(config), processor_of(config)
+    name = config.name or config.kind
+    if config.kind == "pickscore":
+        embedder = load_clip(model, processor, str(device), dtype, f"{field}.model")
+        return ClipScoreRanker(embedder, config.prompt_template, config.batch_size, name, embedder.logit_scale)
+    if config.kind == "hpsv2":
+        if Path(model).expanduser().is_dir():  # already in transformers' CLIP layout
+            embedder = load_clip(model, config.processor, str(device), dtype, f"{field}.model")
+        else:
+            embedder = reward_models.load_hpsv2(model, processor, device, getattr(torch, dtype), field)
+        return ClipScoreRanker(embedder, config.prompt_template, config.batch_size, name, scale=1.0)
+    if config.kind == "imagereward":
+        parts = reward_models.load_imagereward(model, processor, device, getattr(torch, dtype), field)
+        return reward_models.ImageRewardRanker(*parts, device, getattr(torch, dtype), config.batch_size, name)
+    embedder = load_clip(model, processor, str(device), dtype, f"{field}.model")  # laion-aesthetic-v2
+    head = load_aesthetic_head(config.weights or DEFAULT_AESTHETIC_WEIGHTS, "mlp", embedder.image_dim, f"{field}.weights")
+    return AestheticRanker(embedder, head, config.batch_size, name)
 
 
 def build_ranker(configs: list[DiffusionRankerConfig], device: torch.device, dtype: str = "float32") -> Ranker:
@@ -138,7 +181,9 @@ def build_ranker(configs: list[DiffusionRankerConfig], device: torch.device, dty
     rankers = []
     for i, config in enumerate(configs):
         field = f"rankers.{i}"
-        if config.kind in ("clip", "aesthetic"):
+        if config.kind in PUBLISHED:
+            ranker = build_published(config, device, dtype, field)
+        elif config.kind in ("clip", "aesthetic"):
             embedder = load_clip(clip_model_of(config), config.processor, str(device), dtype, f"{field}.model")
             if config.kind == "clip":
                 ranker = ClipScoreRanker(embedder, config.prompt_template, config.batch_size, config.name)
