@@ -11,7 +11,8 @@ Modalities build these from their config (e.g. raft/modalities/text/generators.p
 """
 
 from raft.generators.file import FileSampler
-from raft.generators.mixture import Mixture, split_counts
+from raft.generators.mixture import Mixture
+from raft.shares import split_counts
 from raft.generators.openai_http import OpenAICompatibleSampler
 from raft.generators.prompts import SamplingPrompt, apply_template
 from raft.generators.sampling import SamplingSettings
