@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from raft.interface import ReferenceModel, Sample
+from raft.interface import META_FINISHED, META_TOKEN_IDS, ReferenceModel, Sample
 from raft.modalities.text.model import TextPolicy
 
 
 def response_ids(policy: TextPolicy, sample: Sample) -> list[int]:
     """The response's token ids as sampled (EOS included when it stopped), or its text tokenized."""
-    if sample.meta.get("token_ids") is not None:
-        return list(sample.meta["token_ids"])
+    if sample.meta.get(META_TOKEN_IDS) is not None:
+        return list(sample.meta[META_TOKEN_IDS])
     ids = policy.tokenizer(sample.output, add_special_tokens=False)["input_ids"]
-    return ids + [policy.tokenizer.eos_token_id] if sample.meta.get("finished", True) else ids
+    return ids + [policy.tokenizer.eos_token_id] if sample.meta.get(META_FINISHED, True) else ids
 
 
 class TextReference(ReferenceModel):

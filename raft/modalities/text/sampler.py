@@ -11,13 +11,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from raft.interface import Generator, Sample
+from raft.interface import (META_FINISHED, META_GENERATOR, META_PROMPT_SENT, META_PROMPT_TOKENS_CUT, META_SETTINGS,
+                            META_TOKEN_IDS, POLICY_GENERATOR, Generator, Sample)
 from raft.modalities.text.config import TextGenerationConfig
 from raft.modalities.text.model import TextPolicy
 
 
 class TextSampler(Generator):
-    name = "policy"
+    name = POLICY_GENERATOR
 
     def __init__(self, policy: TextPolicy, config: TextGenerationConfig, progress: bool = True,
                  system_prompt: str | None = None):
@@ -63,13 +64,13 @@ class TextSampler(Generator):
                     prompt=prompt,
                     output=text,
                     meta={
-                        "generator": self.name,
-                        "prompt_sent": prompt,
-                        "finished": end is not None,  # ended with EOS rather than running out of tokens
+                        META_GENERATOR: self.name,
+                        META_PROMPT_SENT: prompt,
+                        META_FINISHED: end is not None,  # ended with EOS rather than running out of tokens
                         "new_tokens": len(tokens) if end is None else end + 1,
-                        "token_ids": tokens if end is None else tokens[: end + 1],  # exactly as sampled, EOS included
-                        "settings": settings | {"max_new_tokens": budgets[index]},
-                        **({"prompt_tokens_cut": cut[index]} if cut[index] else {}),
+                        META_TOKEN_IDS: tokens if end is None else tokens[: end + 1],  # exactly as sampled, EOS included
+                        META_SETTINGS: settings | {"max_new_tokens": budgets[index]},
+                        **({META_PROMPT_TOKENS_CUT: cut[index]} if cut[index] else {}),
                     },
                 ))
         return samples

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from raft.finetune import distributed
 from raft.finetune.trainer import Trainer, TrainerSettings
-from raft.interface import FineTuner, Sample
+from raft.interface import META_FINISHED, FineTuner, Sample
 from raft.metrics import mean
 from raft.modalities.text.config import TextFinetuneConfig
 from raft.modalities.text.model import TextPolicy
@@ -90,7 +90,7 @@ class TextFineTuner(FineTuner):
     def example(self, sample: Sample) -> tuple[list[int], list[int]]:
         tokenizer = self.policy.tokenizer
         response = tokenizer(sample.output, add_special_tokens=False)["input_ids"]
-        if sample.meta.get("finished", True):  # teach it to stop only where the sample stopped
+        if sample.meta.get(META_FINISHED, True):  # teach it to stop only where the sample stopped
             response = response + [tokenizer.eos_token_id]
         return build_example(self.policy.encode_prompt(sample.prompt), response, self.config.max_seq_length)
 
