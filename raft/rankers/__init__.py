@@ -198,6 +198,14 @@ class WeightedSum(Ranker):
         return totals
 
 
+def combine(parts: list[tuple[Ranker, float]]) -> Ranker:
+    """A modality's configured rankers with their weights as one ranker: a lone one of weight 1 as it is, else
+    their weighted sum."""
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        return parts[0][0]
+    return WeightedSum(parts)
+
+
 def with_aggregation(ranker: Ranker, aggregation: str) -> Ranker:
     """The modality's ranker under `ranker_aggregation`: a lone ranker is wrapped too under zscore or rank, so
     its raw and normalized scores are both recorded."""
