@@ -345,6 +345,10 @@ class RaftConfig:
         "evaluation, are spread over the processes of a multi-process run (torchrun, accelerate launch). null: one "
         "shard per process. Samples depend on the shard size, not on the number of processes: fix it to get the "
         "same samples from 1 or N processes.", min=1)
+    eval_every: int = option(
+        1, "Held-out evaluation (reward, KL to the start, diversity, perplexity; what the guard checks) after every "
+        "this many iterations, and always after the last one (and before training). 1: every iteration. The "
+        "training samples' own figures (reward, KL_i) are recorded every iteration either way.", min=1)
     max_train_seconds: float | None = option(
         None, "Wall-clock budget: start no further iteration once the completed ones spent this many seconds "
         "generating, ranking, selecting and fine-tuning (evaluation not counted); null: run all iterations.", above=0)

@@ -27,6 +27,7 @@ META_SETTINGS = "settings"  # the sampling settings used (a file generator: its 
 META_SEED = "seed"  # the sample's own seed, where the generator has one (diffusion: the image's noise)
 META_FINISHED = "finished"  # text: ended on its own (EOS) rather than running out of tokens; missing: True
 META_TOKEN_IDS = "token_ids"  # text: the response's token ids exactly as sampled (the policy's samples only)
+META_LOGPROB = "logprob"  # text: log pi(response | prompt) as sampled, at the sampling temperature (the policy's)
 META_PROMPT_TOKENS_CUT = "prompt_tokens_cut"  # text: prompt tokens cut from the left to fit the context
 META_NOT_KEPT = "not_kept"  # why diversity-aware selection passed a candidate over
 META_REWARDS_NORMALIZED = "rewards_normalized"  # per ranker, the score after ranker_aggregation's normalization

@@ -82,8 +82,10 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
 
         train_metrics = parts.finetuner.finetune(selected, seed=stage("finetune")) if selected else {}
 
-        stage("evaluate")
-        eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard)
+        eval_metrics, eval_samples = {}, []
+        if on_main(lambda: evaluates(config, iteration, train_seconds(run_dir.metrics()) + stage.elapsed())):
+            stage("evaluate")
+            eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard)
 
         _kill_point(iteration, "save")
         row = {
@@ -102,7 +104,7 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
             **eval_metrics,
             **stage.times(),
         }
-        files = {"samples": samples, "selected": selected, "eval_samples": eval_samples}
+        files = {"samples": samples, "selected": selected, **({"eval_samples": eval_samples} if eval_metrics else {})}
         crossed = on_main(lambda: guard_crossed(config, run_dir.metrics() + [row]))
         rollback = crossed is not None and config.guard.action == "rollback"
         if distributed.is_main():
@@ -246,6 +248,14 @@ def evaluate_starting_policy(run_dir: RunDirectory, parts: Components, config: R
     return 0
 
 
+def evaluates(config: RaftConfig, iteration: int, spent_seconds: float) -> bool:
+    """Whether `iteration` ends with the held-out evaluation: every eval_every iterations, and the run's last one
+    (the last of config.iterations, or the one that spends max_train_seconds), so every run ends measured."""
+    last = iteration == config.iterations or (
+        config.max_train_seconds is not None and spent_seconds >= config.max_train_seconds)
+    return last or iteration % config.eval_every == 0
+
+
 def budget_spent(config: RaftConfig, run_dir: RunDirectory, iteration: int) -> bool:
     """Whether config.max_train_seconds is spent by the completed iterations (so `iteration` must not start)."""
     if config.max_train_seconds is None or train_seconds(run_dir.metrics()) < config.max_train_seconds:
@@ -267,6 +277,10 @@ class Stages:
         self.current, self.started = name, time.perf_counter()
         _kill_point(self.iteration, name)
         return stage_seed(self.seed, self.iteration, name)
+
+    def elapsed(self) -> float:
+        """Seconds spent in this iteration's stages so far."""
+        return sum(self.durations.values()) + (time.perf_counter() - self.started if self.current else 0.0)
 
     def _stop(self) -> None:
         if self.current is not None:

@@ -32,6 +32,16 @@ def hand_log_ratio(policy_model, reference_model, prompt_ids, response_ids, temp
     return total
 
 
+def hand_logprob(model, prompt_ids, response_ids, temperature):
+    """sum_t log pi(y_t | x, y_<t), one unpadded forward per token."""
+    total = 0.0
+    for t, token in enumerate(response_ids):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt_ids + response_ids[:t]])).logits[0, -1]
+        total += float(torch.log_softmax(logits / temperature, -1)[token])
+    return total
+
+
 def perturbed(model, seed=0, scale=0.05):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -75,6 +85,41 @@ def test_kl_term_matches_a_hand_computation(tiny_model_dir, lora, one_thread):
         assert kl >= 0
     # exact KL is the expectation of the log-ratio: across many samples their means agree roughly
     assert sum(kls) > 0
+
+
+def test_sampled_logprobs_are_the_policys_and_spare_its_forward_pass(tiny_model_dir, one_thread):
+    """The sampler records log pi(y|x) of the tokens it drew, at the sampling temperature; ranking's log-ratio
+    then runs only the reference, and still equals the hand computation."""
+    from raft.modalities.text.config import LoraConfig, TextGenerationConfig, TextModelConfig
+    from raft.modalities.text.model import load_policy
+    from raft.modalities.text.reference import TextReference, starting_model_loader
+    from raft.modalities.text.sampler import TextSampler
+
+    model_config = TextModelConfig(name_or_path=str(tiny_model_dir))
+    policy = load_policy(model_config, LoraConfig(), None)
+    start = starting_model_loader(model_config)().eval()
+    reference = TextReference(policy, starting_model_loader(model_config), temperature=0.7, max_length=512)
+    reference._unchanged()  # fingerprints the start
+    perturbed(policy.model)
+    sampler = TextSampler(policy, TextGenerationConfig(max_new_tokens=8, temperature=0.7), progress=False)
+    samples = sampler.generate(["the film was", "a dull plot"], 3, seed=1)
+    for sample in samples:
+        prompt_ids = policy.encode_prompt(sample.prompt)
+        expected_logprob = hand_logprob(policy.model, prompt_ids, sample.meta["token_ids"], 0.7)
+        assert sample.meta["logprob"] == pytest.approx(expected_logprob, abs=1e-4)
+        assert sample.meta["logprob"] < -1e-3  # a real log-probability, so the test can fail
+
+    calls = []
+    policy.model.register_forward_hook(lambda *args: calls.append(1))
+    ratios = reference.log_ratios(samples)
+    assert not calls  # the policy's side came from the sampler
+    for sample, ratio in zip(samples, ratios):
+        expected = hand_log_ratio(policy.model, start, policy.encode_prompt(sample.prompt), sample.meta["token_ids"], 0.7)
+        assert ratio == pytest.approx(expected, abs=1e-4)
+        assert abs(expected) > 1e-4
+    sample = samples[0]
+    sample.meta["prompt_sent"] = "a magic prompt: " + sample.prompt  # sampled elsewhere: the policy is run again
+    assert reference.log_ratios([sample])[0] == pytest.approx(ratios[0], abs=1e-4) and calls
 
 
 class _Callable(torch.nn.Module):

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import raft
+from raft.errors import ConfigError
 from raft.loop import draw_prompts
 
 from conftest import REWARDS, tiny_overrides
@@ -147,3 +148,23 @@ def test_existing_run_directory_needs_resume(tiny_model_dir, prompt_file, tmp_pa
     (run_dir / "something").write_text("x")
     result = run_cli("run", *tiny_overrides(tiny_model_dir, prompt_file, run_dir))
     one_line_error(result, "already exists; pass --resume")
+
+
+def test_eval_every_skips_held_out_evaluation_but_always_measures_the_last_iteration(tiny_model_dir, prompt_file,
+                                                                                     tmp_path, one_thread):
+    overrides = tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run") + ["iterations=3", "eval_every=2",
+                                                                                 "kl.beta=0.02"]
+    run_dir = raft.run(raft.load_config("text", overrides=overrides))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [m["iteration"] for m in metrics if "eval/reward_mean" in m]
+    assert evaluated == [0, 2, 3]  # before training, every 2nd iteration, and the last
+    assert "time/evaluate" not in metrics[1] and isinstance(metrics[1]["kl/policy_mean"], float)
+    assert not (run_dir / "iterations/iter-0001/eval_samples.jsonl").exists()
+    assert (run_dir / "iterations/iter-0002/eval_samples.jsonl").exists()
+    samples = [json.loads(line) for line in (run_dir / "iterations/iter-0002/samples.jsonl").read_text().splitlines()]
+    assert all(isinstance(s["logprob"], float) and s["logprob"] < 0 for s in samples)  # recorded while sampling
+
+
+def test_eval_every_must_be_positive():
+    with pytest.raises(ConfigError, match="eval_every"):
+        raft.load_config("text", overrides=["eval_every=0"])

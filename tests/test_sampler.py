@@ -1,4 +1,5 @@
 import pytest
+import numpy as np
 import torch
 
 from raft.modalities.text.config import LoraConfig, TextGenerationConfig, TextModelConfig
@@ -39,7 +40,9 @@ def test_shared_prefill_matches_plain_generation(policy):
                         progress=False)
     encoded = [policy.encode_prompt(p) for p in PROMPTS]
     with torch.no_grad():
-        assert shared._sample_batch(encoded, 2, 8) == plain._sample_batch(encoded, 2, 8)
+        (tokens, logprobs), (plain_tokens, plain_logprobs) = shared._sample_batch(encoded, 2, 8), plain._sample_batch(encoded, 2, 8)
+    assert tokens == plain_tokens
+    assert np.allclose(logprobs, plain_logprobs, atol=1e-4)  # the same log-probabilities, up to float rounding
 
 
 def test_max_new_tokens_range_is_drawn_per_prompt(policy):

@@ -106,3 +106,24 @@ def test_bf16_mixed_precision_trains_through_accelerate_on_cpu(tiny_model_dir):
         assert all(p.dtype == torch.float32 for p in policy.model.parameters())
     assert results["bf16"] != results["no"]
     assert results["bf16"] == pytest.approx(results["no"], rel=0.05)
+
+
+def test_policy_samples_are_trained_on_their_sampled_token_ids(policy):
+    """A policy sample's response is trained on the ids it was drawn as, not its decoded text re-encoded (which
+    loses, e.g., the leading space of the first token); text from elsewhere is tokenized."""
+    from raft.modalities.text.config import TextGenerationConfig
+    from raft.modalities.text.sampler import TextSampler
+
+    tuner = TextFineTuner(policy, TextFinetuneConfig(), None, progress=False)
+    drawn = TextSampler(policy, TextGenerationConfig(max_new_tokens=6), progress=False).generate(["the film"], 4, seed=0)
+    for sample in drawn:
+        ids, labels = tuner.example(sample)
+        response = sample.meta["token_ids"]
+        assert ids[-len(response):] == response and labels[-len(response):] == response
+        assert labels[: len(ids) - len(response)] == [IGNORE] * (len(ids) - len(response))
+    retokenized = [policy.tokenizer(s.output, add_special_tokens=False)["input_ids"] for s in drawn]
+    assert any(r != s.meta["token_ids"][: len(r)] for r, s in zip(retokenized, drawn))  # the round trip differs
+
+    elsewhere = Sample(0, "the film", "was good", meta={"finished": False})
+    ids, labels = tuner.example(elsewhere)
+    assert labels[-2:] == policy.tokenizer("was good", add_special_tokens=False)["input_ids"][-2:]

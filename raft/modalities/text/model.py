@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 from dataclasses import dataclass
@@ -157,6 +158,13 @@ def dequantized_copy(model: torch.nn.Module) -> torch.nn.Module:
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
     return plain
+
+
+def with_cache(model: torch.nn.Module, cache) -> dict:
+    """The keyword argument that hands `cache` (a key/value cache) to the model's forward and generate: `cache` since
+    transformers 5 renamed it (the old `past_key_values` warns on every call), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values": cache}
 
 
 def _first_line(error: Exception) -> str:

@@ -3,15 +3,18 @@
 Under LoRA the reference is the policy with its adapter disabled (no second copy of the weights); under full
 fine-tuning it is a frozen copy of the starting model. Both distributions are taken at the sampling
 temperature, the distribution the responses were drawn from, and scored on the token ids actually sampled
-(text that came from a file or a server, which has none, is tokenized).
+(text that came from a file or a server, which has none, is tokenized). The policy's side of a log-ratio is what
+its sampler recorded while sampling when it can be (raft/modalities/text/sampler.py), so ranking runs the
+reference alone.
 """
 
 from __future__ import annotations
 
 import torch
 
-from raft.interface import META_FINISHED, META_TOKEN_IDS, ReferenceModel, Sample
-from raft.modalities.text.model import TextPolicy
+from raft.interface import (META_FINISHED, META_LOGPROB, META_PROMPT_SENT, META_SETTINGS, META_TOKEN_IDS, ReferenceModel,
+                            Sample)
+from raft.modalities.text.model import TextPolicy, with_cache
 
 
 def response_ids(policy: TextPolicy, sample: Sample) -> list[int]:
@@ -46,9 +49,11 @@ class TextReference(ReferenceModel):
         return self.frozen
 
     @torch.no_grad()
-    def measure(self, samples: list[Sample], temperature: float | None = None) -> tuple[list[float], list[float]]:
+    def measure(self, samples: list[Sample], temperature: float | None = None,
+                exact_kl: bool = True) -> tuple[list[float], list[float]]:
         """(log-ratio of the sampled tokens, exact KL) per sample, each summed over the response, at `temperature`
-        (default: the training samples' one)."""
+        (default: the training samples' one). Without `exact_kl` the KLs are nan, and a sample whose sampler
+        recorded its log-probability at that temperature (meta[META_LOGPROB]) needs no forward pass of the policy."""
         temperature = temperature or self.temperature
         if not samples:
             return [], []
@@ -58,28 +63,50 @@ class TextReference(ReferenceModel):
         by_prompt: dict[str, list[int]] = {}
         for index, sample in enumerate(samples):
             by_prompt.setdefault(sample.prompt, []).append(index)
-        ratios, kls = [0.0] * len(samples), [0.0] * len(samples)
+        ratios, kls = [0.0] * len(samples), [float("nan")] * len(samples)
         was_training = policy.model.training
         policy.model.eval()
         for batch in self._batches(list(by_prompt.values())):
+            indices = [i for group in batch for i in group]
             prompts = [policy.encode_prompt(samples[group[0]].prompt) for group in batch]
             responses = [[response_ids(policy, samples[i])[: self.max_length - 1] for i in group] for group in batch]
-            mine = self._response_logprobs(policy.model, prompts, responses, temperature)
+            flat = [r for group in responses for r in group]
+            recorded = [self._recorded_logprob(samples[i], len(r), temperature) for i, r in zip(indices, flat)]
             if self.adapter:
                 with policy.model.disable_adapter():
                     theirs = self._response_logprobs(policy.model, prompts, responses, temperature)
             else:
                 theirs = self._response_logprobs(self._frozen_model(), prompts, responses, temperature)
-            flat = [r for group in responses for r in group]
-            targets = torch.tensor([r + [0] * (mine.shape[1] - len(r)) for r in flat], device=mine.device)
-            mask = torch.tensor([[1.0] * len(r) + [0.0] * (mine.shape[1] - len(r)) for r in flat], device=mine.device)
-            index = targets.unsqueeze(-1)
-            ratio = ((mine.gather(-1, index) - theirs.gather(-1, index)).squeeze(-1) * mask).sum(-1)
-            kl = ((mine.exp() * (mine - theirs)).sum(-1) * mask).sum(-1)
-            for position, sample_index in enumerate(i for group in batch for i in group):
-                ratios[sample_index], kls[sample_index] = float(ratio[position]), float(kl[position])
+            width = theirs.shape[1]
+            index = torch.tensor([r + [0] * (width - len(r)) for r in flat], device=theirs.device).unsqueeze(-1)
+            mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in flat], device=theirs.device)
+            their_sums = (theirs.gather(-1, index).squeeze(-1) * mask).sum(-1)
+            if exact_kl or any(value is None for value in recorded):
+                mine = self._response_logprobs(policy.model, prompts, responses, temperature)
+                my_sums = (mine.gather(-1, index).squeeze(-1) * mask).sum(-1).tolist()
+                if exact_kl:
+                    kl = ((mine.exp() * (mine - theirs)).sum(-1) * mask).sum(-1)
+                    for position, sample_index in enumerate(indices):
+                        kls[sample_index] = float(kl[position])
+            else:
+                my_sums = recorded
+            for position, sample_index in enumerate(indices):
+                ratios[sample_index] = float(my_sums[position]) - float(their_sums[position])
         policy.model.train(was_training)
         return ratios, kls
+
+    def _recorded_logprob(self, sample: Sample, length: int, temperature: float) -> float | None:
+        """The policy's log-probability of the sample as its sampler recorded it, when that is log pi(y|x) itself: the
+        same tokens, prompt and temperature; else None (text from elsewhere, a response cut to max_length, or drawn
+        at another temperature, from a magic prompt or a sampling-only system prompt)."""
+        meta = sample.meta
+        settings = meta.get(META_SETTINGS) or {}
+        same_context = meta.get(META_PROMPT_SENT) == sample.prompt and "system_prompt" not in settings
+        same_tokens = meta.get(META_TOKEN_IDS) is not None and len(meta[META_TOKEN_IDS]) == length
+        drawn_at = settings.get("temperature") or 1.0
+        if meta.get(META_LOGPROB) is None or not (same_context and same_tokens and drawn_at == temperature):
+            return None
+        return meta[META_LOGPROB]
 
     @torch.no_grad()
     def token_logprobs(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
@@ -122,7 +149,7 @@ class TextReference(ReferenceModel):
         prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         cache = DynamicCache(config=getattr(model, "config", None))
         first = model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                      position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache, use_cache=True,
+                      position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), **with_cache(model, cache), use_cache=True,
                       logits_to_keep=1).logits  # [prompts, 1, vocab]: predicts each response's first token
 
         owner = torch.tensor([g for g, group in enumerate(responses) for _ in group], device=device)
@@ -133,7 +160,7 @@ class TextReference(ReferenceModel):
         response_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in flat], device=device)
         positions = prompt_mask.sum(-1)[owner, None] + torch.arange(length, device=device)[None]
         rest = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask[owner], response_mask], dim=1),
-                     position_ids=positions, past_key_values=cache, use_cache=True).logits
+                     position_ids=positions, **with_cache(model, cache), use_cache=True).logits
         logits = torch.cat([first[owner], rest[:, :-1]], dim=1)  # position t predicts response token t
         return torch.log_softmax(logits.float() / temperature, dim=-1)
 
@@ -148,7 +175,7 @@ class TextReference(ReferenceModel):
         return tuple(float(p.detach().double().sum()) for p in self.policy.model.parameters() if p.requires_grad)
 
     def log_ratios(self, samples: list[Sample]) -> list[float]:
-        return self.measure(samples)[0]
+        return self.measure(samples, exact_kl=False)[0]
 
     def kl_to_start(self, samples: list[Sample]) -> list[float]:
         return self.measure(samples, self.eval_temperature)[1]

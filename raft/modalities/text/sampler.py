@@ -3,6 +3,10 @@
 Three things make it faster than calling `generate(num_return_sequences=K)` one prompt at a time:
 batches hold many prompts; prompts of similar length (and max_new_tokens) share a batch, so little is
 padded; and each prompt is encoded once, its key/value cache copied to its K samples.
+
+Each sample also carries its log-probability under the policy that drew it (`meta[META_LOGPROB]`, at the sampling
+temperature, summed over the sampled tokens), recorded while sampling: KL-regularized ranking then needs only the
+reference model's forward pass, not the policy's again.
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from raft.interface import (META_FINISHED, META_GENERATOR, META_PROMPT_SENT, META_PROMPT_TOKENS_CUT, META_SETTINGS,
-                            META_TOKEN_IDS, POLICY_GENERATOR, Generator, Sample)
+from raft.interface import (META_FINISHED, META_GENERATOR, META_LOGPROB, META_PROMPT_SENT, META_PROMPT_TOKENS_CUT,
+                            META_SETTINGS, META_TOKEN_IDS, POLICY_GENERATOR, Generator, Sample)
 from raft.modalities.text.config import TextGenerationConfig
-from raft.modalities.text.model import TextPolicy
+from raft.modalities.text.model import TextPolicy, with_cache
 
 
 class TextSampler(Generator):
@@ -43,11 +48,13 @@ class TextSampler(Generator):
         order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(encoded[i])))
         per_batch = max(1, config.batch_size // k)
         outputs: dict[int, list[list[int]]] = {}
+        logprobs: dict[int, list[list[float]]] = {}
         batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
         for batch in tqdm(batches, desc=f"sampling {len(prompts)}x{k}", disable=not self.progress, leave=False):
-            rows = self._sample_batch([encoded[i] for i in batch], k, max(budgets[i] for i in batch))
+            rows, row_logprobs = self._sample_batch([encoded[i] for i in batch], k, max(budgets[i] for i in batch))
             for position, index in enumerate(batch):
                 outputs[index] = rows[position * k : (position + 1) * k]
+                logprobs[index] = row_logprobs[position * k : (position + 1) * k]
 
         eos_ids = self.policy.eos_ids
         settings = {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
@@ -55,9 +62,10 @@ class TextSampler(Generator):
             settings["system_prompt"] = self.system_prompt
         samples = []
         for index, prompt in enumerate(prompts):
-            for tokens in outputs[index]:
+            for tokens, token_logprobs in zip(outputs[index], logprobs[index]):
                 tokens = tokens[: budgets[index]]
                 end = next((j for j, t in enumerate(tokens) if t in eos_ids), None)
+                kept = len(tokens) if end is None else end + 1
                 text = self.policy.tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
                 samples.append(Sample(
                     prompt_index=index,
@@ -67,16 +75,18 @@ class TextSampler(Generator):
                         META_GENERATOR: self.name,
                         META_PROMPT_SENT: prompt,
                         META_FINISHED: end is not None,  # ended with EOS rather than running out of tokens
-                        "new_tokens": len(tokens) if end is None else end + 1,
-                        META_TOKEN_IDS: tokens if end is None else tokens[: end + 1],  # exactly as sampled, EOS included
+                        "new_tokens": kept,
+                        META_TOKEN_IDS: tokens[:kept],  # exactly as sampled, EOS included
+                        META_LOGPROB: float(sum(token_logprobs[:kept])),
                         META_SETTINGS: settings | {"max_new_tokens": budgets[index]},
                         **({META_PROMPT_TOKENS_CUT: cut[index]} if cut[index] else {}),
                     },
                 ))
         return samples
 
-    def _sample_batch(self, prompt_ids: list[list[int]], k: int, max_new_tokens: int) -> list[list[int]]:
-        """New tokens of k samples for each prompt, prompt-major."""
+    def _sample_batch(self, prompt_ids: list[list[int]], k: int,
+                      max_new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
+        """New tokens of k samples for each prompt, prompt-major, and the policy's log-probability of each."""
         policy, config = self.policy, self.config
         width = max(len(ids) for ids in prompt_ids)
         pad = policy.tokenizer.pad_token_id
@@ -91,16 +101,19 @@ class TextSampler(Generator):
             pad_token_id=pad,
             eos_token_id=sorted(policy.eos_ids),
         )
+        recorder = TokenLogprobs(config.temperature)
+        sampling["logits_processor"] = LogitsProcessorList([recorder])
         if config.share_prompt_prefill and k > 1 and width > 1:
             cache = self._prefill(input_ids[:, :-1], mask[:, :-1])
             cache.batch_repeat_interleave(k)
             output = policy.model.generate(input_ids=input_ids.repeat_interleave(k, 0),
                                            attention_mask=mask.repeat_interleave(k, 0),
-                                           past_key_values=cache, **sampling)
+                                           **with_cache(policy.model, cache), **sampling)
         else:  # (num_return_sequences refuses greedy decoding, so copy the rows)
             output = policy.model.generate(input_ids=input_ids.repeat_interleave(k, 0),
                                            attention_mask=mask.repeat_interleave(k, 0), **sampling)
-        return output[:, width:].tolist()
+        new_tokens = output[:, width:]
+        return new_tokens.tolist(), recorder.finish(new_tokens).tolist()
 
     def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor):
         """Key/value cache of all prompt tokens but the last (generate feeds that one and samples from it)."""
@@ -110,6 +123,36 @@ class TextSampler(Generator):
         cache = DynamicCache(config=model.config)
         # left padding: positions count real tokens only, as generate() computes them
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **with_cache(model, cache),
               use_cache=True, logits_to_keep=1)
         return cache
+
+
+class TokenLogprobs(LogitsProcessor):
+    """Records, while generate() samples, each sampled token's log-probability under the model at `temperature`.
+
+    generate() calls it at every step with the tokens so far and the next token's scores (before temperature and
+    top-k/top-p, which come after custom processors); the token drawn from step t's scores is only known at step
+    t + 1, so each call scores the previous step's draw, and `finish` the last one. It leaves the scores as they
+    are, so sampling is unchanged. Tokens after EOS (padding) get log-probabilities too: callers cut them off."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.steps: list[torch.Tensor] = []  # [rows] per scored step
+        self.previous: torch.Tensor | None = None  # the last step's log-probabilities, [rows, vocab]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[rows, new tokens] log-probabilities of `new_tokens` (generate's output after the prompt)."""
+        length = new_tokens.shape[1]
+        if len(self.steps) < length and self.previous is not None:  # the last draw, unless a later call scored it
+            self.steps.append(self.previous.gather(-1, new_tokens[:, len(self.steps) : len(self.steps) + 1]).squeeze(-1))
+        self.previous = None
+        if not self.steps:
+            return torch.zeros(new_tokens.shape)
+        return torch.stack(self.steps[:length], dim=1).cpu()

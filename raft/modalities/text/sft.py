@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from raft.finetune import distributed
 from raft.finetune.trainer import Trainer, TrainerSettings
-from raft.interface import META_FINISHED, FineTuner, Sample
+from raft.interface import FineTuner, Sample
 from raft.metrics import mean
 from raft.modalities.text.config import TextFinetuneConfig
 from raft.modalities.text.model import TextPolicy
@@ -88,11 +88,13 @@ class TextFineTuner(FineTuner):
         return self.trainer.optimizer if self.config.carry_optimizer_state and self.trainer.started else None
 
     def example(self, sample: Sample) -> tuple[list[int], list[int]]:
-        tokenizer = self.policy.tokenizer
-        response = tokenizer(sample.output, add_special_tokens=False)["input_ids"]
-        if sample.meta.get(META_FINISHED, True):  # teach it to stop only where the sample stopped
-            response = response + [tokenizer.eos_token_id]
-        return build_example(self.policy.encode_prompt(sample.prompt), response, self.config.max_seq_length)
+        """The kept sample as a training example: the response's token ids exactly as the policy sampled them (EOS
+        included where it stopped), or, for text from elsewhere, its text tokenized. Decoding and re-encoding is not
+        the identity: the decoded reply loses the leading space of its first token, among other things."""
+        from raft.modalities.text.reference import response_ids
+
+        return build_example(self.policy.encode_prompt(sample.prompt), response_ids(self.policy, sample),
+                             self.config.max_seq_length)
 
     def units(self, selected: list[Sample]) -> list:
         """What one optimizer step draws from: here one example per kept sample."""
