@@ -65,11 +65,16 @@ def _leaf_fields(cls, prefix=""):
             yield from _leaf_fields(hint, prefix + f.name + ".")
 
 
-def test_every_field_is_documented_and_in_help():
-    lines = describe(TextRaftConfig)
-    for name, f in _leaf_fields(TextRaftConfig):
+def _assert_every_field_documented_and_in_help(config_class):
+    lines = describe(config_class)
+    for name, f in _leaf_fields(config_class):
         assert f.metadata.get("help"), f"{name} has no help text"
         assert any(line.startswith(name + " ") or line.startswith(name + ":") for line in lines), name
+    return lines
+
+
+def test_every_field_is_documented_and_in_help():
+    _assert_every_field_documented_and_in_help(TextRaftConfig)
 
 
 # ---- bounds declared on the field, checked generically
@@ -103,11 +108,7 @@ def test_a_default_out_of_its_own_bounds_is_a_declaration_error():
 def test_help_shows_every_field_with_its_default_and_bounds(modality):
     from raft.modalities import get_modality
 
-    config_class = get_modality(modality).config_class
-    lines = describe(config_class)
-    for name, f in _leaf_fields(config_class):
-        assert f.metadata.get("help"), f"{name} has no help text"
-        assert any(line.startswith(name + " ") or line.startswith(name + ":") for line in lines), name
+    lines = _assert_every_field_documented_and_in_help(get_modality(modality).config_class)
     assert any(line.startswith("finetune.lora.r (default ") and ", >= 1): " in line for line in lines)
     assert any(line.startswith("selection.top_fraction (default 0.125, in (0, 1]): ") for line in lines)
 
