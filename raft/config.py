@@ -58,6 +58,8 @@ def option(default: Any, help: str, *, min: float | None = None, max: float | No
     """A dataclass field with a default, a help string and, for a number, the range it accepts (`min`/`max`
     inclusive, `above`/`below` exclusive; a null value of an optional field is always accepted). Mutable
     defaults are copied per instance."""
+    if (min is not None and above is not None) or (max is not None and below is not None):
+        raise ValueError("a bound is inclusive (min, max) or exclusive (above, below), not both")
     bounds = Bounds(min, max, above, below)
     if bounds and isinstance(default, (int, float)) and not bounds.holds(default):
         raise ValueError(f"default {default!r} is not {bounds}")  # a declaration mistake: fails on import
@@ -96,14 +98,18 @@ def check_bounds(config: Any, prefix: str = "") -> None:
         name, value = prefix + f.name, getattr(config, f.name)
         bounds = f.metadata.get("bounds")
         if bounds and value is not None and not bounds.holds(value):
-            nullable = type(None) in typing.get_args(hints[f.name])
-            raise ConfigError(f"config: {name} must be {bounds}{' or null' if nullable else ''}, got {_show(value)}")
+            raise ConfigError(f"config: {name} must be {accepted(bounds, hints[f.name])}, got {_show(value)}")
         if dataclasses.is_dataclass(value):
             check_bounds(value, f"{name}.")
         elif isinstance(value, list):
             for i, entry in enumerate(value):
                 if dataclasses.is_dataclass(entry):
                     check_bounds(entry, f"{name}.{i}.")
+
+
+def accepted(bounds: Bounds, hint: Any) -> str:
+    """What a bounded field accepts, as errors and --help say it: 'in [0, 1]', or 'in [0, 1] or null'."""
+    return f"{bounds} or null" if type(None) in typing.get_args(hint) else str(bounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -672,8 +678,8 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> list[str]:
         inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
         shown = yaml.safe_dump(to_dict(value), default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
         bounds = f.metadata.get("bounds")
-        accepted = f", {bounds}{' or null' if type(None) in typing.get_args(hint) else ''}" if bounds else ""
-        lines.append(f"{prefix}{f.name} (default {shown}{accepted}): {f.metadata.get('help', '')}")
+        shown += f", {accepted(bounds, hint)}" if bounds else ""
+        lines.append(f"{prefix}{f.name} (default {shown}): {f.metadata.get('help', '')}")
         if inner is not None and dataclasses.is_dataclass(inner):
             lines += describe(inner, f"{prefix}{f.name}.N.")
     return lines
