@@ -421,10 +421,10 @@ class RaftConfig:
                 f"must be 0: the {self.modality} modality cannot compute reference log-likelihoods for KL_i")
         require(diversity.max_opening_share is None or self.text_openings, "selection.diversity.max_opening_share",
                 f"must be null: samples of the {self.modality} modality have no opening words")
-        accepted = ("auto", *self.diversity_features)
-        require(diversity.features in accepted, "selection.diversity.features",
-                f"must be one of {', '.join(accepted)} for the {self.modality} modality, got {diversity.features!r}")
-        require(diversity.max_similarity is None or len(accepted) > 1, "selection.diversity.max_similarity",
+        features = ("auto", *self.diversity_features)
+        require(diversity.features in features, "selection.diversity.features",
+                f"must be one of {', '.join(features)} for the {self.modality} modality, got {diversity.features!r}")
+        require(diversity.max_similarity is None or len(features) > 1, "selection.diversity.max_similarity",
                 f"must be null: the {self.modality} modality has no sample features to compare")
         for name, (metric, _) in GUARD_BOUNDS.items():
             require(getattr(guard, name) is None or metric in self.guard_metrics, f"guard.{name}",
