@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import os
 
+from raft.config import generator_name
 from raft.errors import RaftError
 from raft.generators import FileSampler, OpenAICompatibleSampler, SamplingSettings
 from raft.generators.mixture import assemble
 from raft.generators.prompts import apply_template
-from raft.config import generator_name
 from raft.interface import Generator
 from raft.modalities.text.config import TextGeneratorConfig, TextRaftConfig
 from raft.modalities.text.model import TextPolicy
 from raft.modalities.text.sampler import TextSampler
+
 
 def build_external_generators(config: TextRaftConfig) -> dict[int, Generator]:
     """Every generator but the policy, by position in the list. Built before the policy is loaded, so that a
