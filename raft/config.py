@@ -1,8 +1,12 @@
 """Config dataclasses and the machinery that fills them from YAML and `key.sub=value` overrides.
 
-Every field is declared with `option(default, "help")`, so the dataclass tree is the single place where
-a setting, its default and its documentation live; `raft run --help` prints it. Modalities subclass
-`RaftConfig` and add their own sections.
+Every field is declared with `option(default, "help", min=..., max=...)`, so the dataclass tree is the single
+place where a setting, its default, its documentation and the range it accepts live; `raft run --help` prints
+it and `check_bounds` enforces the ranges. The sections every modality has (model, data, generation,
+generators, rankers, finetune with lora, eval) are declared here once; a modality subclasses them, adding its
+own settings and giving its own defaults (`with_default`), and subclasses `RaftConfig` to narrow them.
+Checks that are not a range (one field against another, a setting a modality cannot honour) are written by
+hand in `validate`.
 """
 
 from __future__ import annotations
@@ -18,20 +22,98 @@ from typing import Any, ClassVar, Literal, Union
 import yaml
 
 from raft.errors import ConfigError
+from raft.interface import POLICY_GENERATOR
+from raft.shares import split_counts
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help string (mutable defaults are copied per instance)."""
+@dataclass(frozen=True)
+class Bounds:
+    """The range a number setting accepts: `min`/`max` inclusive, `above`/`below` exclusive (None: no bound)."""
+
+    min: float | None = None
+    max: float | None = None
+    above: float | None = None
+    below: float | None = None
+
+    def __bool__(self) -> bool:
+        return any(bound is not None for bound in dataclasses.astuple(self))
+
+    def holds(self, value: float) -> bool:
+        return ((self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+
+    def __str__(self) -> str:
+        """What error messages and --help say: '>= 1', '> 0', '<= 100', 'in [0, 1]', 'in (0, 1]', ..."""
+        low = (f"[{self.min:g}" if self.min is not None else f"({self.above:g}" if self.above is not None else None)
+        high = (f"{self.max:g}]" if self.max is not None else f"{self.below:g})" if self.below is not None else None)
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+
+
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+           above: float | None = None, below: float | None = None) -> Any:
+    """A dataclass field with a default, a help string and, for a number, the range it accepts (`min`/`max`
+    inclusive, `above`/`below` exclusive; a null value of an optional field is always accepted). Mutable
+    defaults are copied per instance."""
+    if (min is not None and above is not None) or (max is not None and below is not None):
+        raise ValueError("a bound is inclusive (min, max) or exclusive (above, below), not both")
+    bounds = Bounds(min, max, above, below)
+    if bounds and isinstance(default, (int, float)) and not bounds.holds(default):
+        raise ValueError(f"default {default!r} is not {bounds}")  # a declaration mistake: fails on import
+    metadata = {"help": help, "bounds": bounds or None}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         proto = default
-        return field(default_factory=lambda: _copy(proto), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: _copy(proto), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def with_default(section: type, name: str, default: Any, help: str | None = None) -> Any:
+    """Field `name` of the shared `section`, redeclared in a modality's subclass with the modality's default (and
+    help, where the modality has more to say); its bounds stay the ones declared once on the shared field."""
+    declared = section.__dataclass_fields__[name]
+    bounds = declared.metadata.get("bounds")
+    return option(default, help or declared.metadata["help"], **(dataclasses.asdict(bounds) if bounds else {}))
 
 
 def _copy(value: Any) -> Any:
     import copy
 
     return copy.deepcopy(value)
+
+
+def require(condition: bool, name: str, message: str) -> None:
+    """A hand-written check (a rule across fields, or more than a range): `name` is the field's dotted path."""
+    if not condition:
+        raise ConfigError(f"config: {name} {message}")
+
+
+def check_bounds(config: Any, prefix: str = "") -> None:
+    """Every range declared with `option(..., min=, max=, above=, below=)` in `config`, its sections and the
+    entries of its lists; the first value out of range stops with one line: the field, the range, the value."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        name, value = prefix + f.name, getattr(config, f.name)
+        bounds = f.metadata.get("bounds")
+        if bounds and value is not None and not bounds.holds(value):
+            raise ConfigError(f"config: {name} must be {accepted(bounds, hints[f.name])}, got {_show(value)}")
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, f"{name}.")
+        elif isinstance(value, list):
+            for i, entry in enumerate(value):
+                if dataclasses.is_dataclass(entry):
+                    check_bounds(entry, f"{name}.{i}.")
+
+
+def accepted(bounds: Bounds, hint: Any) -> str:
+    """What a bounded field accepts, as errors and --help say it: 'in [0, 1]', or 'in [0, 1] or null'."""
+    return f"{bounds} or null" if type(None) in typing.get_args(hint) else str(bounds)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop's own sections
 
 
 @dataclass
@@ -42,7 +124,7 @@ class DiversityConfig:
         None,
         "Skip a candidate whose similarity to a sample already kept this iteration (any prompt) is above this, "
         "and keep the next-best distinct one instead; similarity is the cosine of the modality's features "
-        "(`features`), in [0, 1] for text n-grams and CLIP images. null: off.",
+        "(`features`), in [0, 1] for text n-grams and CLIP images. null: off.", min=0, max=1,
     )
     features: str = option(
         "auto",
@@ -53,11 +135,11 @@ class DiversityConfig:
     max_opening_share: float | None = option(
         None,
         "Text: at most this share of the iteration's kept samples may open with the same `opening_words` words "
-        "(lower-cased); further ones are skipped for the next-best candidate. null: off.",
+        "(lower-cased); further ones are skipped for the next-best candidate. null: off.", above=0, max=1,
     )
     opening_words: int = option(
         4, "Words that make a text sample's opening for max_opening_share (the eval/top_opening_share metric always "
-        "counts 4).")
+        "counts 4).", min=1)
 
 
 @dataclass
@@ -70,8 +152,10 @@ class SelectionConfig:
         "of all samples of the iteration, across prompts; threshold: every sample with reward >= "
         "`min_reward`; all: every sample not discarded (for fine-tuners that rank candidates, e.g. RRHF).",
     )
-    keep_per_prompt: int = option(1, "Samples kept per prompt by the local strategy (m of K).")
-    top_fraction: float = option(0.125, "Fraction of all samples kept by the global strategy (1/K in the RAFT paper).")
+    keep_per_prompt: int = option(1, "Samples kept per prompt by the local strategy (m of K); at most samples_per_prompt.",
+                                  min=1)
+    top_fraction: float = option(0.125, "Fraction of all samples kept by the global strategy (1/K in the RAFT paper).",
+                                 above=0, max=1)
     min_reward: float | None = option(
         None, "Reward floor: required by the threshold strategy, an extra filter for the others (null: none)."
     )
@@ -86,13 +170,13 @@ class KLConfig:
         0.0,
         "Weight of KL_i in the ranking score reward - beta * KL_i, where KL_i = log pi(y|x) - log pi_0(y|x) is "
         "the sample's log-ratio between the current policy and the starting one, summed over the response "
-        "(the start value when adaptive). 0: rank by reward alone.",
+        "(the start value when adaptive). 0: rank by reward alone.", min=0,
     )
     adaptive: bool = option(
         False, "Adapt beta between iterations so the policy samples' mean KL_i tracks `target` (PPO's controller).")
-    target: float = option(4.0, "adaptive: target mean KL_i of the policy's samples, in nats per response.")
+    target: float = option(4.0, "adaptive: target mean KL_i of the policy's samples, in nats per response.", above=0)
     horizon: int = option(
-        400, "adaptive: horizon in samples: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * samples / horizon.")
+        400, "adaptive: horizon in samples: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * samples / horizon.", min=1)
 
 
 @dataclass
@@ -101,15 +185,16 @@ class GuardConfig:
 
     max_kl: float | None = option(
         None, "Stop once eval/kl_to_start (KL of the policy to the starting model on held-out samples, nats per "
-        "response) exceeds this. null: no bound.")
+        "response) exceeds this. null: no bound.", above=0)
     min_distinct_2_ratio: float | None = option(
-        None, "Stop once held-out distinct-2 falls below this fraction of the starting model's. null: no bound.")
+        None, "Stop once held-out distinct-2 falls below this fraction of the starting model's. null: no bound.",
+        above=0, max=1)
     max_opening_share: float | None = option(
         None, "Stop once the share of held-out replies opening with the most common first words "
-        "(eval/top_opening_share) exceeds this. null: no bound.")
+        "(eval/top_opening_share) exceeds this. null: no bound.", above=0, max=1)
     min_diversity_ratio: float | None = option(
         None, "Stop once held-out within-prompt embedding diversity (eval/diversity_within_prompt, images) falls "
-        "below this fraction of the starting model's. null: no bound.")
+        "below this fraction of the starting model's. null: no bound.", above=0, max=1)
     action: Literal["stop", "rollback"] = option(
         "stop",
         "What crossing a bound does: stop (the run ends after that iteration, its checkpoint the latest) or "
@@ -127,117 +212,46 @@ GUARD_BOUNDS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------
+# the sections every modality has, declared once; a modality subclasses each with its own settings and defaults
+
+
 @dataclass
-class RaftConfig:
-    """Settings of the RAFT loop shared by every modality."""
+class ModelConfig:
+    """The model being aligned."""
 
-    modality: str = option("text", "Which modality runs: text or diffusion (or a registered plug-in).")
-    run_dir: str = option("", "Run directory. Empty: runs/<modality>-<date>-<time>.")
-    seed: int = option(0, "Seed of everything random: prompt order, sampling, fine-tuning, evaluation.")
-    iterations: int = option(4, "RAFT iterations (generate -> rank -> select -> fine-tune -> evaluate).")
-    prompts_per_iteration: int = option(16, "Prompts drawn per iteration (b in the paper).")
-    samples_per_prompt: int = option(8, "Samples generated per prompt (K in the paper).")
-    keep_checkpoints: int = option(1, "Checkpoints kept in the run directory (newest first); >= 1 so a run can resume.")
-    prompts_per_shard: int | None = option(
-        None, "Prompts sampled together under one seed (a shard); the shards of an iteration, and of the held-out "
-        "evaluation, are spread over the processes of a multi-process run (torchrun, accelerate launch). null: one "
-        "shard per process. Samples depend on the shard size, not on the number of processes: fix it to get the "
-        "same samples from 1 or N processes.")
-    eval_every: int = option(
-        1, "Held-out evaluation (reward, KL to the start, diversity, perplexity; what the guard checks) after every "
-        "this many iterations, and always after the last one (and before training). 1: every iteration. The "
-        "training samples' own figures (reward, KL_i) are recorded every iteration either way.")
-    max_train_seconds: float | None = option(
-        None, "Wall-clock budget: start no further iteration once the completed ones spent this many seconds "
-        "generating, ranking, selecting and fine-tuning (evaluation not counted); null: run all iterations.")
-    ranker_timeout_s: float | None = option(
-        None, "Seconds one scoring call of the rankers may take; longer stops the run in one line (completed "
-        "iterations stay). null: no limit.")
-    trackers: list[str] = option(
-        ["tensorboard"], "Experiment trackers (accelerate's): tensorboard (written to RUN/tensorboard), wandb, trackio, "
-        "mlflow (RUN/mlruns); each metrics row at its iteration and a table of the iteration's samples. []: none.")
-    ranker_aggregation: Literal["sum", "zscore", "rank"] = option(
-        "sum", "How the rankers' scores combine into the reward. sum: sum of weight * score; zscore: each ranker's "
-        "scores standardized over the batch scored together (the iteration's samples; the held-out samples), then "
-        "summed with the weights; rank: weighted average of each ranker's rank in that batch, in [0, 1]. Raw and "
-        "normalized scores are both recorded per sample (rewards, rewards_normalized), and eval/reward/<ranker> "
-        "is each ranker's raw held-out mean.")
-    selection: SelectionConfig = option(SelectionConfig(), "Selection of the kept set.")
-    kl: KLConfig = option(KLConfig(), "KL-regularized ranking against the starting model.")
-    guard: GuardConfig = option(GuardConfig(), "Collapse guard: bounds on held-out metrics that stop the run.")
-
-    # What a modality offers the collapse defences; its config class says so, so that bad settings are refused
-    # before anything loads.
-    reference_logprobs: ClassVar[bool] = False  # can compute KL_i (kl.beta > 0, guard.max_kl)
-    diversity_features: ClassVar[tuple[str, ...]] = ()  # selection.diversity.features it accepts (first: auto)
-    text_openings: ClassVar[bool] = False  # samples have openings (selection.diversity.max_opening_share)
-    guard_metrics: ClassVar[tuple[str, ...]] = ()  # the eval/ metrics it produces, for guard bounds
-
-    def validate(self) -> None:
-        """Range checks that types alone cannot express; subclasses extend it."""
-        self._validate_defences()
-        _check(self.seed >= 0, "seed", "must be >= 0")
-        _check(self.iterations >= 0, "iterations", "must be >= 0")
-        from raft.trackers import check_trackers
-
-        check_trackers(self.trackers)
-        _check(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
-        _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
-        _check(self.eval_every >= 1, "eval_every", "must be >= 1")
-        _check(self.prompts_per_shard is None or self.prompts_per_shard >= 1, "prompts_per_shard", "must be >= 1 or null")
-        _check(self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds", "must be > 0 or null")
-        _check(self.ranker_timeout_s is None or self.ranker_timeout_s > 0, "ranker_timeout_s", "must be > 0 or null")
-        sel = self.selection
-        _check(1 <= sel.keep_per_prompt <= self.samples_per_prompt, "selection.keep_per_prompt",
-               f"must be between 1 and samples_per_prompt ({self.samples_per_prompt})")
-        _check(0.0 < sel.top_fraction <= 1.0, "selection.top_fraction", "must be in (0, 1]")
-        _check(sel.strategy != "threshold" or sel.min_reward is not None, "selection.min_reward",
-               "is required by the threshold strategy")
+    name_or_path: str = option("", "The model to align: a Hugging Face hub id, a local directory, or builtin:NAME.")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of name_or_path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "Weights dtype for sampling and training.")
+    device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
 
 
-    def _validate_defences(self) -> None:
-        kl, diversity, guard = self.kl, self.selection.diversity, self.guard
-        _check(kl.beta >= 0, "kl.beta", "must be >= 0")
-        _check(kl.target > 0, "kl.target", "must be > 0")
-        _check(kl.horizon >= 1, "kl.horizon", "must be >= 1")
-        _check(not kl.adaptive or kl.beta > 0, "kl.beta", "must be > 0 when kl.adaptive (it is the start value)")
-        _check(kl.beta == 0 or self.reference_logprobs, "kl.beta",
-               f"must be 0: the {self.modality} modality cannot compute reference log-likelihoods for KL_i")
-        _check(diversity.max_similarity is None or 0 <= diversity.max_similarity <= 1,
-               "selection.diversity.max_similarity", "must be in [0, 1] or null")
-        _check(diversity.max_opening_share is None or 0 < diversity.max_opening_share <= 1,
-               "selection.diversity.max_opening_share", "must be in (0, 1] or null")
-        _check(diversity.opening_words >= 1, "selection.diversity.opening_words", "must be >= 1")
-        _check(diversity.max_opening_share is None or self.text_openings, "selection.diversity.max_opening_share",
-               f"must be null: samples of the {self.modality} modality have no opening words")
-        accepted = ("auto", *self.diversity_features)
-        _check(diversity.features in accepted, "selection.diversity.features",
-               f"must be one of {', '.join(accepted)} for the {self.modality} modality, got {diversity.features!r}")
-        _check(diversity.max_similarity is None or len(accepted) > 1, "selection.diversity.max_similarity",
-               f"must be null: the {self.modality} modality has no sample features to compare")
-        for name, (metric, relative) in GUARD_BOUNDS.items():
-            bound = getattr(guard, name)
-            if bound is None:
-                continue
-            _check(metric in self.guard_metrics, f"guard.{name}",
-                   f"must be null: the {self.modality} modality does not produce {metric}")
-            if relative or name == "max_opening_share":
-                _check(0 < bound <= 1, f"guard.{name}", "must be in (0, 1]")
-            else:
-                _check(bound > 0, f"guard.{name}", "must be > 0")
+@dataclass
+class DataConfig:
+    """Training and held-out prompts."""
+
+    prompts: str = option(
+        "", "Training prompts: a modality's builtin set, or a file: .txt (one per line), .jsonl/.json, .csv or "
+        ".parquet (column `prompt_field`).")
+    prompt_field: str = option("prompt", "Column holding the prompt in .jsonl/.json/.csv/.parquet files.")
+    prompt_template: str = option(
+        "{prompt}",
+        "Turns each prompt into the text the model is given; `{prompt}` is replaced by the prompt. Part of the "
+        "task: used in sampling and training alike.",
+    )
+    eval_prompts: str | None = option(
+        None, "Held-out prompts in the same formats. null: `eval_size` prompts are split off `prompts` and never "
+        "trained on.")
+    eval_size: int = option(32, "Held-out prompts used for evaluation.", min=1)
 
 
-def check_ranker_weights(rankers: list) -> None:
-    """Weights are finite (the loader checks that) and not all 0: a reward of 0 for everything ranks nothing."""
-    _check(not rankers or any(r.weight != 0 for r in rankers), "rankers",
-           "weights are all 0: no sample would rank above another")
+@dataclass
+class GenerationConfig:
+    """Sampling settings of every generator."""
 
-
-def _check(condition: bool, name: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config: {name} {message}")
-
+    batch_size: int = option(
+        32, "Samples generated per forward batch (the prompts x samples of a call are cut into batches of this size).",
+        min=1)
 
 
 @dataclass
@@ -247,9 +261,11 @@ class GeneratorConfig:
 
     kind: str = option("policy", "policy: the model being aligned samples (the default); file: pre-generated samples.")
     name: str | None = option(
-        None, "Name recorded in each sample's `generator` (default: the kind). A policy entry is always 'policy'.")
+        None, f"Name recorded in each sample's `generator` (default: the kind). A policy entry is always "
+        f"'{POLICY_GENERATOR}'.")
     share: float = option(
-        1.0, "Relative share of the samples_per_prompt samples of each prompt; shares are normalized over the list.")
+        1.0, "Relative share of the samples_per_prompt samples of each prompt; shares are normalized over the list.",
+        above=0)
     sampling_template: str = option(
         "{prompt}",
         "Magic prompt: what is sent instead of the prompt, `{prompt}` replaced by it (e.g. '{prompt} Be upbeat.'). "
@@ -264,34 +280,198 @@ class GeneratorConfig:
     prompt_field: str = option("prompt", "kind file: column holding the prompt.")
 
 
-def check_generators(entries: list[GeneratorConfig], samples_per_prompt: int, sampling_only: tuple[str, ...]) -> None:
-    """What holds for any `generators:` list: positive shares that give every entry a sample of each prompt,
-    one name each ('policy' for the policy), a `{prompt}` in every template, and files with a path and none
-    of the sampling-only settings (`sampling_only`: the modality's own, besides sampling_template)."""
-    from raft.generators.mixture import split_counts
+@dataclass
+class RankerConfig:
+    """The settings every modality's `rankers:` entry has; a modality subclasses it, narrowing `kind` and adding
+    its rankers' settings."""
 
-    _check(bool(entries), "generators", "must list at least one generator (kind policy samples the policy)")
+    kind: str = option("callable", "callable: a Python function fn(prompts, outputs) -> list of floats.")
+    name: str | None = option(None, "Name in metrics and records (default: derived from the ranker).")
+    weight: float = option(1.0, "Weight of this ranker when several are combined (reward = weighted sum).")
+    function: str | None = option(None, "kind callable: module:function or path/to/file.py:function.")
+    batch_size: int = option(32, "Model rankers: outputs scored per forward pass.", min=1)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = option(False, "Train a LoRA adapter (peft) instead of all weights.")
+    r: int = option(16, "LoRA rank.", min=1)
+    alpha: int = option(32, "LoRA alpha (scale = alpha / r).", min=1)
+    dropout: float = option(0.0, "LoRA dropout.", min=0, below=1)
+    target_modules: list[str] = option(["all-linear"], "Modules to adapt; ['all-linear'] adapts every linear layer but the output head.")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning on the kept samples (raft/finetune/'s trainer)."""
+
+    learning_rate: float = option(2e-4, "AdamW learning rate, constant.", above=0)
+    epochs: int = option(2, "Passes over the kept set per iteration.", min=1)
+    batch_size: int = option(
+        8, "Examples per optimizer step (split into micro-batches by gradient_accumulation_steps).", min=1)
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step; must divide batch_size.", min=1)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
+    carry_optimizer_state: bool = option(
+        False, "Keep AdamW moments across iterations (and in checkpoints). Off: a fresh optimizer each iteration.")
+    gradient_checkpointing: bool = option(False, "Trade compute for memory during fine-tuning.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "Mixed precision of fine-tuning (accelerate's autocast; the weights stay in model.dtype): bf16 (GPUs that "
+        "have it, and CPUs), fp16 (CUDA, with loss scaling) or no.")
+    lora: LoraConfig = option(LoraConfig(), "LoRA adapter settings.")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of the policy."""
+
+    samples_per_prompt: int = option(2, "Policy samples per held-out prompt for the held-out reward.", min=1)
+    seed: int = option(1234, "Sampling seed of the evaluation, the same every iteration so iterations compare paired.",
+                       min=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole config
+
+
+@dataclass
+class RaftConfig:
+    """Settings of the RAFT loop, and the sections every modality has (a modality narrows them)."""
+
+    modality: str = option("text", "Which modality runs: text or diffusion (or a registered plug-in).")
+    run_dir: str = option("", "Run directory. Empty: runs/<modality>-<date>-<time>.")
+    seed: int = option(0, "Seed of everything random: prompt order, sampling, fine-tuning, evaluation.", min=0)
+    iterations: int = option(4, "RAFT iterations (generate -> rank -> select -> fine-tune -> evaluate).", min=0)
+    prompts_per_iteration: int = option(16, "Prompts drawn per iteration (b in the paper).", min=1)
+    samples_per_prompt: int = option(8, "Samples generated per prompt (K in the paper).", min=1)
+    keep_checkpoints: int = option(
+        1, "Checkpoints kept in the run directory (newest first); at least 1 so a run can resume.", min=1)
+    prompts_per_shard: int | None = option(
+        None, "Prompts sampled together under one seed (a shard); the shards of an iteration, and of the held-out "
+        "evaluation, are spread over the processes of a multi-process run (torchrun, accelerate launch). null: one "
+        "shard per process. Samples depend on the shard size, not on the number of processes: fix it to get the "
+        "same samples from 1 or N processes.", min=1)
+    eval_every: int = option(
+        1, "Held-out evaluation (reward, KL to the start, diversity, perplexity; what the guard checks) after every "
+        "this many iterations, and always after the last one (and before training). 1: every iteration. The "
+        "training samples' own figures (reward, KL_i) are recorded every iteration either way.", min=1)
+    max_train_seconds: float | None = option(
+        None, "Wall-clock budget: start no further iteration once the completed ones spent this many seconds "
+        "generating, ranking, selecting and fine-tuning (evaluation not counted); null: run all iterations.", above=0)
+    ranker_timeout_s: float | None = option(
+        None, "Seconds one scoring call of the rankers may take; longer stops the run in one line (completed "
+        "iterations stay). null: no limit.", above=0)
+    trackers: list[str] = option(
+        ["tensorboard"], "Experiment trackers (accelerate's): tensorboard (written to RUN/tensorboard), wandb, trackio, "
+        "mlflow (RUN/mlruns); each metrics row at its iteration and a table of the iteration's samples. []: none.")
+    ranker_aggregation: Literal["sum", "zscore", "rank"] = option(
+        "sum", "How the rankers' scores combine into the reward. sum: sum of weight * score; zscore: each ranker's "
+        "scores standardized over the batch scored together (the iteration's samples; the held-out samples), then "
+        "summed with the weights; rank: weighted average of each ranker's rank in that batch, in [0, 1]. Raw and "
+        "normalized scores are both recorded per sample (rewards, rewards_normalized), and eval/reward/<ranker> "
+        "is each ranker's raw held-out mean.")
+    selection: SelectionConfig = option(SelectionConfig(), "Selection of the kept set.")
+    kl: KLConfig = option(KLConfig(), "KL-regularized ranking against the starting model.")
+    guard: GuardConfig = option(GuardConfig(), "Collapse guard: bounds on held-out metrics that stop the run.")
+    model: ModelConfig = option(ModelConfig(), "The policy model.")
+    data: DataConfig = option(DataConfig(), "Prompts and held-out prompts.")
+    generation: GenerationConfig = option(GenerationConfig(), "Sampling settings (of every generator).")
+    generators: list[GeneratorConfig] = option(
+        [GeneratorConfig()],
+        "Where the training samples come from: the policy (default), pre-generated files, or a mixture of them by "
+        "share. The held-out evaluation always samples the policy.",
+    )
+    rankers: list[RankerConfig] = option([], "Rewards; several are combined as a weighted sum.")
+    finetune: FinetuneConfig = option(FinetuneConfig(), "Fine-tuning on the kept set.")
+    eval: EvalConfig = option(EvalConfig(), "Held-out evaluation.")
+
+    # What a modality offers the collapse defences; its config class says so, so that bad settings are refused
+    # before anything loads.
+    reference_logprobs: ClassVar[bool] = False  # can compute KL_i (kl.beta > 0, guard.max_kl)
+    diversity_features: ClassVar[tuple[str, ...]] = ()  # selection.diversity.features it accepts (first: auto)
+    text_openings: ClassVar[bool] = False  # samples have openings (selection.diversity.max_opening_share)
+    guard_metrics: ClassVar[tuple[str, ...]] = ()  # the eval/ metrics it produces, for guard bounds
+    # the generators' settings that only apply when sampling (besides sampling_template), refused for kind file
+    sampling_only: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> None:
+        """The declared ranges of every field, then the rules across fields; subclasses extend it."""
+        check_bounds(self)
+        self._validate_defences()
+        from raft.trackers import check_trackers
+
+        check_trackers(self.trackers)
+        sel = self.selection
+        require(sel.keep_per_prompt <= self.samples_per_prompt, "selection.keep_per_prompt",
+                f"must be between 1 and samples_per_prompt ({self.samples_per_prompt}), got {sel.keep_per_prompt}")
+        require(sel.strategy != "threshold" or sel.min_reward is not None, "selection.min_reward",
+                "is required by the threshold strategy")
+        require("{prompt}" in self.data.prompt_template, "data.prompt_template", "must contain {prompt}")
+        check_generators(self.generators, self.samples_per_prompt, self.sampling_only)
+        check_rankers(self.rankers)
+        f = self.finetune
+        require(f.batch_size % f.gradient_accumulation_steps == 0, "finetune.gradient_accumulation_steps",
+                f"must divide finetune.batch_size ({f.batch_size}), got {f.gradient_accumulation_steps}")
+        require(bool(f.lora.target_modules), "finetune.lora.target_modules", "must name at least one module")
+
+    def _validate_defences(self) -> None:
+        kl, diversity, guard = self.kl, self.selection.diversity, self.guard
+        require(not kl.adaptive or kl.beta > 0, "kl.beta", "must be > 0 when kl.adaptive (it is the start value)")
+        require(kl.beta == 0 or self.reference_logprobs, "kl.beta",
+                f"must be 0: the {self.modality} modality cannot compute reference log-likelihoods for KL_i")
+        require(diversity.max_opening_share is None or self.text_openings, "selection.diversity.max_opening_share",
+                f"must be null: samples of the {self.modality} modality have no opening words")
+        features = ("auto", *self.diversity_features)
+        require(diversity.features in features, "selection.diversity.features",
+                f"must be one of {', '.join(features)} for the {self.modality} modality, got {diversity.features!r}")
+        require(diversity.max_similarity is None or len(features) > 1, "selection.diversity.max_similarity",
+                f"must be null: the {self.modality} modality has no sample features to compare")
+        for name, (metric, _) in GUARD_BOUNDS.items():
+            require(getattr(guard, name) is None or metric in self.guard_metrics, f"guard.{name}",
+                    f"must be null: the {self.modality} modality does not produce {metric}")
+
+
+def check_rankers(rankers: list[RankerConfig]) -> None:
+    """At least one ranker, weights not all 0 (a reward of 0 for everything ranks nothing; the loader checks
+    they are finite), and a function for each callable one."""
+    require(bool(rankers), "rankers", "must list at least one ranker")
+    require(any(r.weight != 0 for r in rankers), "rankers", "weights are all 0: no sample would rank above another")
+    for i, ranker in enumerate(rankers):
+        require(ranker.kind != "callable" or bool(ranker.function), f"rankers.{i}.function", "is required by kind callable")
+
+
+def check_generators(entries: list[GeneratorConfig], samples_per_prompt: int, sampling_only: tuple[str, ...]) -> None:
+    """What holds for any `generators:` list: shares that give every entry a sample of each prompt, one name
+    each (POLICY_GENERATOR for the policy), a `{prompt}` in every template, and files with a path and none of
+    the sampling-only settings (`sampling_only`: the modality's own, besides sampling_template)."""
+    require(bool(entries), "generators", "must list at least one generator (kind policy samples the policy)")
     names: dict[str, int] = {}
     for i, g in enumerate(entries):
         where = f"generators.{i}"
-        _check(g.share > 0, f"{where}.share", "must be > 0")
-        _check(g.kind != "policy" or g.name in (None, "policy"), f"{where}.name",
-               "of kind policy is always 'policy' (what reward/policy_mean counts)")
-        name = "policy" if g.kind == "policy" else g.name or g.kind
-        _check(bool(name.strip()), f"{where}.name", "must not be empty")
-        _check(name not in names, f"{where}.name",
-               f"'{name}' is also generators.{names.get(name)}'s; give each generator its own name")
+        require(g.kind != "policy" or g.name in (None, POLICY_GENERATOR), f"{where}.name",
+                f"of kind policy is always '{POLICY_GENERATOR}' (what reward/policy_mean counts)")
+        name = generator_name(g)
+        require(bool(name.strip()), f"{where}.name", "must not be empty")
+        require(name not in names, f"{where}.name",
+                f"'{name}' is also generators.{names.get(name)}'s; give each generator its own name")
         names[name] = i
-        _check("{prompt}" in g.sampling_template, f"{where}.sampling_template", "must contain {prompt}")
+        require("{prompt}" in g.sampling_template, f"{where}.sampling_template", "must contain {prompt}")
         if g.kind == "file":
-            _check(bool(g.path), f"{where}.path", "is required by kind file")
-            _check(g.sampling_template == "{prompt}" and all(getattr(g, f) is None for f in sampling_only),
-                   f"{where}.sampling_template",
-                   f"and {' and '.join(sampling_only)} do not apply to kind file: its samples are already generated")
+            require(bool(g.path), f"{where}.path", "is required by kind file")
+            others = "".join(f"and {setting} " for setting in sampling_only)
+            require(g.sampling_template == "{prompt}" and all(getattr(g, f) is None for f in sampling_only),
+                    f"{where}.sampling_template",
+                    f"{others}{'do' if others else 'does'} not apply to kind file: its samples are already generated")
     for i, count in enumerate(split_counts([g.share for g in entries], samples_per_prompt)):
-        _check(count >= 1, f"generators.{i}.share",
-               f"gives it 0 of the samples_per_prompt ({samples_per_prompt}) samples of a prompt; "
-               "raise its share or samples_per_prompt")
+        require(count >= 1, f"generators.{i}.share",
+                f"gives it 0 of the samples_per_prompt ({samples_per_prompt}) samples of a prompt; "
+                "raise its share or samples_per_prompt")
+
+
+def generator_name(entry: GeneratorConfig) -> str:
+    """The name a `generators:` entry's samples are recorded under (`Sample.meta[META_GENERATOR]`)."""
+    return POLICY_GENERATOR if entry.kind == "policy" else entry.name or entry.kind
+
 
 # ----------------------------------------------------------------------------------------------
 # dict <-> dataclass
@@ -483,7 +663,7 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
 
 
 def describe(cls: type, prefix: str = "", instance: Any = None) -> list[str]:
-    """One help line per leaf field: `name (type, default X): help`. Defaults are read from `instance` (default
+    """One help line per leaf field: `name (default X[, range]): help`. Defaults are read from `instance` (default
     cls()), so a section whose parent sets other defaults (the text default's model section) shows those."""
     lines = []
     hints = typing.get_type_hints(cls)
@@ -497,6 +677,8 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> list[str]:
             continue
         inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list and typing.get_args(hint) else None
         shown = yaml.safe_dump(to_dict(value), default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+        bounds = f.metadata.get("bounds")
+        shown += f", {accepted(bounds, hint)}" if bounds else ""
         lines.append(f"{prefix}{f.name} (default {shown}): {f.metadata.get('help', '')}")
         if inner is not None and dataclasses.is_dataclass(inner):
             lines += describe(inner, f"{prefix}{f.name}.N.")

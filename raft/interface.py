@@ -11,9 +11,26 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from raft.config import RaftConfig
+if TYPE_CHECKING:  # the config sits above this contract (its checks use the names below), so no runtime import
+    from raft.config import RaftConfig
+
+# The generator name the policy's own samples are recorded under: what reward/policy_mean counts, what the KL
+# adaptation reads, and the only generator PPO learns from.
+POLICY_GENERATOR = "policy"
+
+# Keys of `Sample.meta` that components write and others rely on (samples.jsonl records them too).
+META_GENERATOR = "generator"  # name of the generator that sampled it (POLICY_GENERATOR for the policy)
+META_PROMPT_SENT = "prompt_sent"  # the text actually sent when sampling (a magic prompt's, or the prompt)
+META_SETTINGS = "settings"  # the sampling settings used (a file generator: its source and row)
+META_SEED = "seed"  # the sample's own seed, where the generator has one (diffusion: the image's noise)
+META_FINISHED = "finished"  # text: ended on its own (EOS) rather than running out of tokens; missing: True
+META_TOKEN_IDS = "token_ids"  # text: the response's token ids exactly as sampled (the policy's samples only)
+META_LOGPROB = "logprob"  # text: log pi(response | prompt) as sampled, at the sampling temperature (the policy's)
+META_PROMPT_TOKENS_CUT = "prompt_tokens_cut"  # text: prompt tokens cut from the left to fit the context
+META_NOT_KEPT = "not_kept"  # why diversity-aware selection passed a candidate over
+META_REWARDS_NORMALIZED = "rewards_normalized"  # per ranker, the score after ranker_aggregation's normalization
 
 
 @dataclass
@@ -23,7 +40,7 @@ class Sample:
     prompt_index: int  # position of its prompt in the iteration's prompt batch
     prompt: str  # the prompt fine-tuning sees (never a sampling-only "magic" prompt)
     output: Any  # str for text, an image for diffusion
-    meta: dict[str, Any] = field(default_factory=dict)  # provenance: generator, prompt_sent, settings, ...
+    meta: dict[str, Any] = field(default_factory=dict)  # provenance, under the META_* keys above
     reward: float = math.nan
     rewards: dict[str, float] = field(default_factory=dict)  # per-ranker scores when rankers are combined
     discard_reason: str | None = None  # set by a discard rule: never selected
@@ -127,7 +144,7 @@ class Components:
 
 class Modality(ABC):
     name: str
-    config_class: type[RaftConfig] = RaftConfig
+    config_class: type[RaftConfig]  # the modality's settings: a RaftConfig subclass narrowing its sections
 
     @abstractmethod
     def build(self, config: RaftConfig, checkpoint: Path | None) -> Components:

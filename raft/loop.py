@@ -27,7 +27,7 @@ from raft.config import GUARD_BOUNDS, RaftConfig, dump_yaml, to_dict
 from raft.errors import RaftError
 from raft.finetune import distributed
 from raft.generators.sampling import seed_of
-from raft.interface import Components, Sample
+from raft.interface import META_GENERATOR, META_NOT_KEPT, META_PROMPT_TOKENS_CUT, Components, Sample
 from raft.metrics import best_of_k_kl_bound, mean, plot_metrics, standard_error, train_seconds
 from raft.modalities import get_modality
 from raft.rankers import score_samples
@@ -93,11 +93,11 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
             "samples": len(samples),
             "discarded": discarded,
             "selected": len(selected),
-            "reward/policy_mean": mean(s.reward for s in samples if s.meta.get("generator") == parts.policy.name),
+            "reward/policy_mean": mean(s.reward for s in samples if s.meta.get(META_GENERATOR) == parts.policy.name),
             "reward/all_mean": mean(s.reward for s in samples),
             "reward/selected_mean": mean(s.reward for s in selected),
-            "selection/passed_over": sum(1 for s in samples if s.meta.get("not_kept")),
-            "samples/prompt_cut": sum(1 for s in samples if s.meta.get("prompt_tokens_cut")),
+            "selection/passed_over": sum(1 for s in samples if s.meta.get(META_NOT_KEPT)),
+            "samples/prompt_cut": sum(1 for s in samples if s.meta.get(META_PROMPT_TOKENS_CUT)),
             **kl_metrics,
             **({"kl/selected_mean": mean(s.kl for s in selected)} if kl_metrics else {}),
             **train_metrics,
@@ -300,7 +300,7 @@ def regularize(samples: list[Sample], parts: Components, beta: float, policy_nam
     for sample, kl in zip(samples, parts.reference.log_ratios(samples)):
         sample.kl = kl
         sample.score = sample.reward - beta * kl
-    own = [s.kl for s in samples if s.meta.get("generator") == policy_name] or [s.kl for s in samples]
+    own = [s.kl for s in samples if s.meta.get(META_GENERATOR) == policy_name] or [s.kl for s in samples]
     return {"kl/beta": beta, "kl/policy_mean": mean(own)}
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from raft.config import SelectionConfig
-from raft.interface import DiscardRule, Sample
+from raft.interface import META_NOT_KEPT, DiscardRule, Sample
 
 
 def apply_discard_rules(samples: list[Sample], rules: list[DiscardRule]) -> int:
@@ -32,7 +32,7 @@ def select(samples: list[Sample], config: SelectionConfig,
 
     Discarded samples and those below `min_reward` never qualify. Ties keep the earlier sample, so selection
     is deterministic. With diversity-aware selection (`config.diversity`), a candidate too similar to a sample
-    already kept, or whose opening has reached its cap, is passed over (`meta["not_kept"]` says why) and the
+    already kept, or whose opening has reached its cap, is passed over (`meta[META_NOT_KEPT]` says why) and the
     next-best distinct candidate takes its place: a prompt whose candidates are all near-copies of kept ones
     keeps fewer, because training on copies is what collapses a policy.
     """
@@ -68,12 +68,12 @@ def select(samples: list[Sample], config: SelectionConfig,
         if similar is not None:
             reason = similar.too_similar(sample)
             if reason:
-                sample.meta["not_kept"] = reason
+                sample.meta[META_NOT_KEPT] = reason
                 continue
         if opening_cap is not None:
             key = opening(sample)
             if openings[key] >= opening_cap:
-                sample.meta["not_kept"] = f"opening '{key}' already kept {opening_cap} times (its cap)"
+                sample.meta[META_NOT_KEPT] = f"opening '{key}' already kept {opening_cap} times (its cap)"
                 continue
             openings[key] += 1
         if similar is not None:

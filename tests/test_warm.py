@@ -104,4 +104,4 @@ def test_image_pairs_are_refused_in_one_line(tmp_path):
 def test_help_lists_every_setting(capsys):
     assert main(["train-rm", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "usage: raft train-rm" in out and "members (default 4)" in out and "eval_data (default null)" in out
+    assert "usage: raft train-rm" in out and "members (default 4, >= 1)" in out and "eval_data (default null)" in out

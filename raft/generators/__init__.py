@@ -11,10 +11,11 @@ Modalities build these from their config (e.g. raft/modalities/text/generators.p
 """
 
 from raft.generators.file import FileSampler
-from raft.generators.mixture import Mixture, split_counts
+from raft.generators.mixture import Mixture
 from raft.generators.openai_http import OpenAICompatibleSampler
 from raft.generators.prompts import SamplingPrompt, apply_template
 from raft.generators.sampling import SamplingSettings
+from raft.shares import split_counts
 
 __all__ = ["FileSampler", "Mixture", "OpenAICompatibleSampler", "SamplingPrompt", "SamplingSettings",
            "apply_template", "split_counts"]

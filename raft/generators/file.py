@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from raft.errors import RaftError
-from raft.interface import Generator, Sample
+from raft.interface import META_GENERATOR, META_PROMPT_SENT, META_SETTINGS, Generator, Sample
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -92,8 +92,8 @@ class FileSampler(Generator):
                     prompt_index=index,
                     prompt=prompt,
                     output=response,
-                    meta={"generator": self.name, "prompt_sent": prompt,
-                          "settings": {"source": self.source, "row": row}},
+                    meta={META_GENERATOR: self.name, META_PROMPT_SENT: prompt,
+                          META_SETTINGS: {"source": self.source, "row": row}},
                 ))
         return samples
 

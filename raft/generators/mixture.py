@@ -11,17 +11,7 @@ from raft.errors import RaftError
 from raft.generators.prompts import PLACEHOLDER, SamplingPrompt
 from raft.generators.sampling import seed_of
 from raft.interface import Generator, Sample
-
-
-def split_counts(shares: list[float], total: int) -> list[int]:
-    """`total` split in proportion to `shares` (largest remainders; ties go to the earlier generator)."""
-    weight = sum(shares)
-    exact = [total * share / weight for share in shares]
-    counts = [int(x) for x in exact]
-    by_remainder = sorted(range(len(shares)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in by_remainder[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
+from raft.shares import split_counts
 
 
 class Mixture(Generator):

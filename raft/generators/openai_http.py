@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from raft.errors import RaftError
 from raft.generators.sampling import SamplingSettings, chat_messages, seed_of
-from raft.interface import Generator, Sample
+from raft.interface import META_FINISHED, META_GENERATOR, META_PROMPT_SENT, META_SETTINGS, Generator, Sample
 
 RETRIED_STATUS = {408, 429}  # and every 5xx: the server is busy or broken now, perhaps not in a moment
 REDIRECT_STATUS = {301, 302, 303, 307, 308}
@@ -175,9 +175,9 @@ class OpenAICompatibleSampler(Generator):
                     prompt_index=index,
                     prompt=prompt,
                     output=text,
-                    meta={"generator": self.name, "prompt_sent": prompt,
-                          "finished": reason != "length",  # ended on its own rather than running out of tokens
-                          "settings": {**settings, **self.request_params}},
+                    meta={META_GENERATOR: self.name, META_PROMPT_SENT: prompt,
+                          META_FINISHED: reason != "length",  # ended on its own rather than running out of tokens
+                          META_SETTINGS: {**settings, **self.request_params}},
                 ))
         return samples
 

@@ -3,12 +3,12 @@
 RAFT decouples generation from training, so a generator may be asked something better than the task prompt
 ("... Write an enthusiastic review.") while the policy is fine-tuned to answer the task prompt itself. The
 wrapper below rewrites the prompts it passes on and gives each sample back its original prompt; the prompt
-actually sent stays in `meta["prompt_sent"]`.
+actually sent stays in `meta[META_PROMPT_SENT]`.
 """
 
 from __future__ import annotations
 
-from raft.interface import Generator, Sample
+from raft.interface import META_PROMPT_SENT, META_SETTINGS, Generator, Sample
 
 PLACEHOLDER = "{prompt}"
 
@@ -32,6 +32,6 @@ class SamplingPrompt(Generator):
         samples = self.inner.generate(sent, samples_per_prompt, seed)
         for sample in samples:
             sample.prompt = prompts[sample.prompt_index]
-            sample.meta["prompt_sent"] = sent[sample.prompt_index]
-            sample.meta.setdefault("settings", {})["sampling_template"] = self.template
+            sample.meta[META_PROMPT_SENT] = sent[sample.prompt_index]
+            sample.meta.setdefault(META_SETTINGS, {})["sampling_template"] = self.template
         return samples

@@ -13,7 +13,7 @@ import numpy as np
 
 from raft.errors import RaftError
 from raft.generators.sampling import SamplingSettings, chat_messages, seed_of
-from raft.interface import Generator, Sample
+from raft.interface import META_FINISHED, META_GENERATOR, META_PROMPT_SENT, META_SETTINGS, Generator, Sample
 
 
 def import_vllm():
@@ -62,7 +62,7 @@ class VLLMSampler(Generator):
                     prompt_index=index,
                     prompt=prompt,
                     output=completion.text.strip(),
-                    meta={"generator": self.name, "prompt_sent": prompt,
-                          "finished": completion.finish_reason != "length", "settings": settings},
+                    meta={META_GENERATOR: self.name, META_PROMPT_SENT: prompt,
+                          META_FINISHED: completion.finish_reason != "length", META_SETTINGS: settings},
                 ))
         return samples

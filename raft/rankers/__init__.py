@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from raft.errors import RaftError
-from raft.interface import Ranker, Sample
+from raft.interface import META_REWARDS_NORMALIZED, Ranker, Sample
 
 
 def check_scores(name: str, scores, count: int) -> list[float]:
@@ -171,7 +171,7 @@ class WeightedSum(Ranker):
     """Combines rankers: sum_i weight_i * ranker_i(sample) (aggregation sum), or the same sum of each ranker's
     scores z-scored over the batch (zscore), or the weighted average of each ranker's rank in the batch in [0, 1]
     (rank). Each part's raw score is kept in `sample.rewards[name]`; with zscore or rank its normalized score in
-    `sample.meta["rewards_normalized"][name]` (both are written to samples.jsonl)."""
+    `sample.meta[META_REWARDS_NORMALIZED][name]` (both are written to samples.jsonl)."""
 
     def __init__(self, parts: list[tuple[Ranker, float]], name: str = "weighted_sum", aggregation: str = "sum"):
         if not parts:
@@ -190,12 +190,20 @@ class WeightedSum(Ranker):
             for i, (sample, value) in enumerate(zip(samples, normalize(raw, self.aggregation))):
                 sample.rewards[ranker.name] = sample.reward
                 if self.aggregation != "sum":
-                    sample.meta.setdefault("rewards_normalized", {})[ranker.name] = value
+                    sample.meta.setdefault(META_REWARDS_NORMALIZED, {})[ranker.name] = value
                 totals[i] += weight * value
         if self.aggregation == "rank":  # a weighted average of ranks: in [0, 1] whatever the weights
             total_weight = sum(weight for _, weight in self.parts)
             totals = [t / total_weight for t in totals] if total_weight else totals
         return totals
+
+
+def combine(parts: list[tuple[Ranker, float]]) -> Ranker:
+    """A modality's configured rankers with their weights as one ranker: a lone one of weight 1 as it is, else
+    their weighted sum."""
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        return parts[0][0]
+    return WeightedSum(parts)
 
 
 def with_aggregation(ranker: Ranker, aggregation: str) -> Ranker:

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from raft.errors import RaftError
+from raft.data import SPLIT_SEED, read_column, split_held_out
 from raft.modalities.diffusion import world
 from raft.modalities.diffusion.config import DiffusionDataConfig
-from raft.modalities.text.data import read_column
-
-SPLIT_SEED = 0  # held-out splits never depend on the run's seed, so runs with different seeds compare
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR100 = [
@@ -42,13 +37,7 @@ def load_prompts(config: DiffusionDataConfig) -> DiffusionData:
         prompts = read_list(config.prompts, config.prompt_field, "data.prompts")
         eval_prompts = None
         if not config.eval_prompts:
-            if len(prompts) <= config.eval_size:
-                raise RaftError(f"data.prompts: '{config.prompts}' has {len(prompts)} prompts, not more than "
-                                f"data.eval_size ({config.eval_size}) held out; lower eval_size or set data.eval_prompts")
-            order = np.random.default_rng(SPLIT_SEED).permutation(len(prompts))
-            held_out = set(order[: config.eval_size].tolist())
-            eval_prompts = [prompts[i] for i in sorted(held_out)]
-            prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+            prompts, eval_prompts = split_held_out(prompts, config.eval_size, config.prompts)
     if config.eval_prompts:
         eval_prompts = read_list(config.eval_prompts, config.prompt_field, "data.eval_prompts")
     template = config.prompt_template

@@ -12,7 +12,8 @@ from raft.errors import RaftError
 from raft.generators import FileSampler
 from raft.generators.mixture import assemble
 from raft.generators.prompts import apply_template
-from raft.interface import Generator, Sample
+from raft.config import generator_name
+from raft.interface import META_SETTINGS, Generator, Sample
 from raft.modalities.diffusion.config import DiffusionRaftConfig
 from raft.modalities.diffusion.model import DiffusionPolicy
 from raft.modalities.diffusion.sampler import DiffusionSampler
@@ -35,12 +36,12 @@ class ImageFileSampler(Generator):
         for sample in samples:
             path = Path(sample.output).expanduser()
             path = path if path.is_absolute() else self.folder / path
-            row = sample.meta["settings"]["row"]
+            row = sample.meta[META_SETTINGS]["row"]
             if not self.allow_outside_paths and not path.resolve().is_relative_to(self.folder.resolve()):
                 raise RaftError(f"{self.table.what}: the image '{path}' (row {row}) is outside the file's folder "
                                 f"'{self.folder}'; set allow_outside_paths: true on this generator to read it")
             sample.output = read_image(path, self.table.what, row)
-            sample.meta["settings"]["image"] = str(path)
+            sample.meta[META_SETTINGS]["image"] = str(path)
         return samples
 
 
@@ -74,7 +75,7 @@ def build_external_generators(config: DiffusionRaftConfig) -> dict[int, Generato
     for index, entry in enumerate(config.generators):
         if entry.kind == "file":
             table = FileSampler(entry.path, entry.prompt_field, entry.image_field, split=entry.split,
-                                name=entry.name or "file", what=f"generators.{index}.path",
+                                name=generator_name(entry), what=f"generators.{index}.path",
                                 prompt_key=lambda prompt: apply_template(config.data.prompt_template, prompt))
             source = Path(entry.path).expanduser()
             built[index] = ImageFileSampler(table, source.parent if source.is_file() else source,

@@ -24,7 +24,7 @@ from raft.errors import RaftError
 from raft.interface import Ranker, Sample
 from raft.modalities.diffusion.clip import ClipEmbedder, load_clip
 from raft.modalities.diffusion.config import DiffusionRankerConfig
-from raft.rankers import CallableRanker, WeightedSum
+from raft.rankers import CallableRanker, combine
 
 DEFAULT_CLIP = "builtin:shapes-clip"
 DEFAULT_AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
@@ -196,9 +196,7 @@ def build_ranker(configs: list[DiffusionRankerConfig], device: torch.device, dty
         else:
             ranker = CallableRanker(config.function, config.name)
         rankers.append((ranker, config.weight))
-    if len(rankers) == 1 and rankers[0][1] == 1.0:
-        return rankers[0][0]
-    return WeightedSum(rankers)
+    return combine(rankers)
 
 
 def _first_line(error: Exception) -> str:

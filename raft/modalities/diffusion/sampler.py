@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from raft.interface import Generator, Sample
+from raft.interface import META_GENERATOR, META_PROMPT_SENT, META_SEED, META_SETTINGS, POLICY_GENERATOR, Generator, Sample
 from raft.modalities.diffusion.config import DiffusionGenerationConfig
 from raft.modalities.diffusion.model import DiffusionPolicy
 
@@ -58,7 +58,7 @@ def _call_parameters(pipeline) -> set[str]:
 
 
 class DiffusionSampler(Generator):
-    name = "policy"
+    name = POLICY_GENERATOR
 
     def __init__(self, policy: DiffusionPolicy, config: DiffusionGenerationConfig, progress: bool = True):
         self.policy, self.config, self.progress = policy, config, progress
@@ -74,6 +74,7 @@ class DiffusionSampler(Generator):
             images += regenerate(self.policy, settings, [p for _, p, _ in batch], [s for _, _, s in batch])
         return [
             Sample(prompt_index=i, prompt=prompt, output=image,
-                   meta={"generator": self.name, "prompt_sent": prompt, "seed": image_seed_value, "settings": settings})
+                   meta={META_GENERATOR: self.name, META_PROMPT_SENT: prompt, META_SEED: image_seed_value,
+                         META_SETTINGS: settings})
             for (i, prompt, image_seed_value), image in zip(jobs, images)
         ]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from raft.data import SPLIT_SEED, read_column, split_held_out
 from raft.errors import RaftError
 from raft.modalities.text.config import TextDataConfig
 
-SPLIT_SEED = 0  # held-out splits never depend on the run's seed, so runs with different seeds compare
 # prompt files shipped in the package, by name (data.prompts: companion)
 BUILTIN_PROMPTS = {"companion": Path(__file__).parent / "data" / "companion_prompts.txt"}
 
@@ -35,13 +35,7 @@ def load_text_data(config: TextDataConfig) -> TextData:
         if config.eval_prompts:
             eval_prompts = list(dict.fromkeys(read_column(config.eval_prompts, config.prompt_field, "data.eval_prompts")))
         else:
-            if len(prompts) <= config.eval_size:
-                raise RaftError(f"data.prompts: '{source}' has {len(prompts)} prompts, not more than "
-                                f"data.eval_size ({config.eval_size}) held out; lower eval_size or set data.eval_prompts")
-            order = np.random.default_rng(SPLIT_SEED).permutation(len(prompts))
-            held_out = set(order[: config.eval_size].tolist())
-            eval_prompts = [prompts[i] for i in sorted(held_out)]
-            prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+            prompts, eval_prompts = split_held_out(prompts, config.eval_size, source)
         references = []
         if config.reference_texts:
             references = read_column(config.reference_texts, config.reference_field, "data.reference_texts")
@@ -94,32 +88,3 @@ def clean_review(text: str) -> str:
     return " ".join(re.sub(r"<br\s*/?>", " ", str(text)).split())
 
 
-def read_column(path: str, column: str, field: str) -> list[str]:
-    """Non-empty strings from a .txt (one per line), .jsonl/.json, .csv or .parquet file."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise RaftError(f"{field}: file '{path}' does not exist")
-    suffix = file.suffix.lower()
-    if suffix == ".txt":
-        values = file.read_text().splitlines()
-    else:
-        formats = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-        if suffix not in formats:
-            raise RaftError(f"{field}: '{path}' is not a .txt, .jsonl, .json, .csv or .parquet file")
-        import datasets
-
-        if suffix == ".jsonl":
-            from raft.rundir import read_jsonl
-
-            read_jsonl(file, what=f"{field}: ")  # a bad line is named here; datasets would not say which
-        try:
-            table = datasets.load_dataset(formats[suffix], data_files=str(file), split="train")
-        except Exception as error:  # malformed files fail in many ways inside datasets/pyarrow
-            raise RaftError(f"{field}: cannot read '{path}': {str(error).strip().splitlines()[0]}") from None
-        if column not in table.column_names:
-            raise RaftError(f"{field}: '{path}' has no column '{column}' (columns: {', '.join(table.column_names)})")
-        values = table[column]
-    values = [str(v).strip() for v in values if v is not None and str(v).strip()]
-    if not values:
-        raise RaftError(f"{field}: '{path}' is empty (no non-empty {'lines' if suffix == '.txt' else column + ' values'})")
-    return values

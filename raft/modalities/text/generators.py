@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from raft.config import generator_name
 from raft.errors import RaftError
 from raft.generators import FileSampler, OpenAICompatibleSampler, SamplingSettings
 from raft.generators.mixture import assemble
@@ -13,12 +14,6 @@ from raft.interface import Generator
 from raft.modalities.text.config import TextGeneratorConfig, TextRaftConfig
 from raft.modalities.text.model import TextPolicy
 from raft.modalities.text.sampler import TextSampler
-
-POLICY_NAME = TextSampler.name  # the loop's reward/policy_mean counts the samples recorded under this name
-
-
-def generator_name(entry: TextGeneratorConfig) -> str:
-    return POLICY_NAME if entry.kind == "policy" else entry.name or entry.kind
 
 
 def build_external_generators(config: TextRaftConfig) -> dict[int, Generator]:

@@ -26,7 +26,7 @@ import torch
 from raft.finetune import distributed
 from raft.finetune.losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from raft.finetune.trainer import Trainer, TrainerSettings
-from raft.interface import FineTuner, Sample
+from raft.interface import META_FINISHED, META_TOKEN_IDS, FineTuner, Sample
 from raft.metrics import mean
 from raft.modalities.text.config import PPOSettings, TextFinetuneConfig
 from raft.modalities.text.model import TextPolicy
@@ -140,16 +140,16 @@ class PPOFineTuner(FineTuner):
 
     def finetune(self, selected: list[Sample], seed: int) -> dict[str, float]:
         policy, settings = self.policy, self.settings
-        missing = [i for i, s in enumerate(selected) if s.meta.get("token_ids") is None]
+        missing = [i for i, s in enumerate(selected) if s.meta.get(META_TOKEN_IDS) is None]
         if missing:  # TextPPOConfig admits the policy's own samples only, which carry them
             raise ValueError(f"PPO needs the sampled token ids; sample {missing[0]} has none")
         torch.manual_seed(seed)
         # the exact sampled tokens: re-encoding the decoded text could give tokens the policy never sampled
-        examples = [build_example(policy.encode_prompt(s.prompt), s.meta["token_ids"], self.config.max_seq_length)
+        examples = [build_example(policy.encode_prompt(s.prompt), s.meta[META_TOKEN_IDS], self.config.max_seq_length)
                     for s in selected]
         batch = collate(examples, policy.tokenizer.pad_token_id, policy.device)
         scores = torch.tensor([s.reward for s in selected], device=policy.device)
-        ended = torch.tensor([s.meta.get("finished", True) for s in selected], device=policy.device)
+        ended = torch.tensor([s.meta.get(META_FINISHED, True) for s in selected], device=policy.device)
         if settings.missing_eos_penalty is not None:
             scores = scores - settings.missing_eos_penalty * (~ended)
         self.trainer.start()

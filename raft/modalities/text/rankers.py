@@ -7,7 +7,7 @@ import torch
 from raft.errors import RaftError
 from raft.interface import Ranker, Sample
 from raft.modalities.text.config import TextRankerConfig
-from raft.rankers import CallableRanker, WeightedSum
+from raft.rankers import CallableRanker, combine
 
 
 class LexiconRanker(Ranker):
@@ -102,6 +102,4 @@ def build_ranker(configs: list[TextRankerConfig], device: torch.device) -> Ranke
         else:
             ranker = CallableRanker(config.function, config.name)
         rankers.append((ranker, config.weight))
-    if len(rankers) == 1 and rankers[0][1] == 1.0:
-        return rankers[0][0]
-    return WeightedSum(rankers)
+    return combine(rankers)

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from raft.interface import ReferenceModel, Sample
+from raft.interface import (META_FINISHED, META_LOGPROB, META_PROMPT_SENT, META_SETTINGS, META_TOKEN_IDS, ReferenceModel,
+                            Sample)
 from raft.modalities.text.model import TextPolicy, with_cache
 
 
 def response_ids(policy: TextPolicy, sample: Sample) -> list[int]:
     """The response's token ids as sampled (EOS included when it stopped), or its text tokenized."""
-    if sample.meta.get("token_ids") is not None:
-        return list(sample.meta["token_ids"])
+    if sample.meta.get(META_TOKEN_IDS) is not None:
+        return list(sample.meta[META_TOKEN_IDS])
     ids = policy.tokenizer(sample.output, add_special_tokens=False)["input_ids"]
-    return ids + [policy.tokenizer.eos_token_id] if sample.meta.get("finished", True) else ids
+    return ids + [policy.tokenizer.eos_token_id] if sample.meta.get(META_FINISHED, True) else ids
 
 
 class TextReference(ReferenceModel):
@@ -52,7 +53,7 @@ class TextReference(ReferenceModel):
                 exact_kl: bool = True) -> tuple[list[float], list[float]]:
         """(log-ratio of the sampled tokens, exact KL) per sample, each summed over the response, at `temperature`
         (default: the training samples' one). Without `exact_kl` the KLs are nan, and a sample whose sampler
-        recorded its log-probability at that temperature (meta["logprob"]) needs no forward pass of the policy."""
+        recorded its log-probability at that temperature (meta[META_LOGPROB]) needs no forward pass of the policy."""
         temperature = temperature or self.temperature
         if not samples:
             return [], []
@@ -99,13 +100,13 @@ class TextReference(ReferenceModel):
         same tokens, prompt and temperature; else None (text from elsewhere, a response cut to max_length, or drawn
         at another temperature, from a magic prompt or a sampling-only system prompt)."""
         meta = sample.meta
-        settings = meta.get("settings") or {}
-        same_context = meta.get("prompt_sent") == sample.prompt and "system_prompt" not in settings
-        same_tokens = meta.get("token_ids") is not None and len(meta["token_ids"]) == length
+        settings = meta.get(META_SETTINGS) or {}
+        same_context = meta.get(META_PROMPT_SENT) == sample.prompt and "system_prompt" not in settings
+        same_tokens = meta.get(META_TOKEN_IDS) is not None and len(meta[META_TOKEN_IDS]) == length
         drawn_at = settings.get("temperature") or 1.0
-        if meta.get("logprob") is None or not (same_context and same_tokens and drawn_at == temperature):
+        if meta.get(META_LOGPROB) is None or not (same_context and same_tokens and drawn_at == temperature):
             return None
-        return meta["logprob"]
+        return meta[META_LOGPROB]
 
     @torch.no_grad()
     def token_logprobs(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ Three things make it faster than calling `generate(num_return_sequences=K)` one 
 batches hold many prompts; prompts of similar length (and max_new_tokens) share a batch, so little is
 padded; and each prompt is encoded once, its key/value cache copied to its K samples.
 
-Each sample also carries its log-probability under the policy that drew it (`meta["logprob"]`, at the sampling
+Each sample also carries its log-probability under the policy that drew it (`meta[META_LOGPROB]`, at the sampling
 temperature, summed over the sampled tokens), recorded while sampling: KL-regularized ranking then needs only the
 reference model's forward pass, not the policy's again.
 """
@@ -16,13 +16,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from raft.interface import Generator, Sample
+from raft.interface import (META_FINISHED, META_GENERATOR, META_LOGPROB, META_PROMPT_SENT, META_PROMPT_TOKENS_CUT,
+                            META_SETTINGS, META_TOKEN_IDS, POLICY_GENERATOR, Generator, Sample)
 from raft.modalities.text.config import TextGenerationConfig
 from raft.modalities.text.model import TextPolicy, with_cache
 
 
 class TextSampler(Generator):
-    name = "policy"
+    name = POLICY_GENERATOR
 
     def __init__(self, policy: TextPolicy, config: TextGenerationConfig, progress: bool = True,
                  system_prompt: str | None = None):
@@ -71,14 +72,14 @@ class TextSampler(Generator):
                     prompt=prompt,
                     output=text,
                     meta={
-                        "generator": self.name,
-                        "prompt_sent": prompt,
-                        "finished": end is not None,  # ended with EOS rather than running out of tokens
+                        META_GENERATOR: self.name,
+                        META_PROMPT_SENT: prompt,
+                        META_FINISHED: end is not None,  # ended with EOS rather than running out of tokens
                         "new_tokens": kept,
-                        "token_ids": tokens[:kept],  # exactly as sampled, EOS included
-                        "logprob": float(sum(token_logprobs[:kept])),
-                        "settings": settings | {"max_new_tokens": budgets[index]},
-                        **({"prompt_tokens_cut": cut[index]} if cut[index] else {}),
+                        META_TOKEN_IDS: tokens[:kept],  # exactly as sampled, EOS included
+                        META_LOGPROB: float(sum(token_logprobs[:kept])),
+                        META_SETTINGS: settings | {"max_new_tokens": budgets[index]},
+                        **({META_PROMPT_TOKENS_CUT: cut[index]} if cut[index] else {}),
                     },
                 ))
         return samples
