@@ -45,6 +45,9 @@ p.add_argument("--pool-prompts", type=int, default=128)
 p.add_argument("--x0-weight", type=float, default=0.0,
                help="weight each image's noise-prediction error by min(1/SNR(t), this) (an x0-space loss, clipped), "
                     "so the high-noise steps that set layout and colour weigh as much as the fine detail")
+p.add_argument("--ema", type=float, default=0.0,
+               help="keep an exponential moving average of the trained weights (this decay) and evaluate it, as the "
+                    "base's pre-training does")
 p.add_argument("overrides", nargs="*")
 a = p.parse_args()
 t0 = time.time()
@@ -143,8 +146,23 @@ if a.base and a.train_eval:
     parts.eval_prompts = seen
     m, _ = evaluate(parts); res["train_prompts_base"] = m["eval/reward_mean"]
     parts.eval_prompts = held
+if a.ema:
+    trainer = parts.finetuner.trainer
+    trained = [q for q in parts.finetuner.policy.trainable_parameters()]
+    shadow = [q.detach().clone() for q in trained]
+    plain_step = trainer.step
+    def ema_step():
+        plain_step()
+        with torch.no_grad():
+            for e, q in zip(shadow, trained):
+                e.lerp_(q, 1 - a.ema)
+    trainer.step = ema_step
 t1 = time.time()
 tm = parts.finetuner.finetune(kept, seed=5)
+if a.ema:
+    with torch.no_grad():
+        for e, q in zip(shadow, trained):
+            q.copy_(e)
 res["ft_s"] = round(time.time() - t1, 1); res.update(tm)
 m, _ = evaluate(parts)
 res["after"] = m["eval/reward_mean"]; res["div_within"] = m.get("eval/diversity_within_prompt"); res["sem"] = m["eval/reward_sem"]
