@@ -13,7 +13,8 @@ paired with the starting policy's at the same seeds (--base). One JSON line per 
     python reports/diffusion-transfer/probe.py --jpeg --base --tag jpeg rankers.0.kind=compressibility
 
 An experiment script, kept to reproduce the report (--train-text patches the fine-tuner to train the whole text
-encoder too; it is not a raft option).
+encoder too, --x0-weight reweights its loss by min(1/SNR, w), --ema evaluates an EMA of the fine-tuned weights;
+none is a raft option). A retrained base is probed with model.name_or_path=FOLDER and its own --cache.
 """
 import argparse, json, pickle, sys, time
 from pathlib import Path
