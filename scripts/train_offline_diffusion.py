@@ -63,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--caption-noise", type=float, default=0.0,
                    help="share of miscaptioned images in an extra last stage (0, the shipped model: no such stage)")
     p.add_argument("--noisy-steps", type=int, default=600, help="steps of the miscaptioned stage")
+    p.add_argument("--snapshots", default="",
+                   help="comma-separated denoiser steps at which its EMA weights are also saved, in "
+                        "WORK_DIR/denoiser-step-N (bases stopped early: how far the base is trained sets how far "
+                        "fine-tuning can move it)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bfloat16 autocast on CPU (weights and losses stay float32)")
     p.add_argument("--stages", default="", help="comma-separated stages to run, e.g. clip or vae,denoiser (the "
@@ -426,6 +430,13 @@ def train_denoiser(name: str, models: torch.nn.ModuleDict, vae, images: np.ndarr
                 e.lerp_(p, 1 - decay)
         if step % 100 == 0 or step == steps - 1:
             log(name, f"step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+        if str(step + 1) in args.snapshots.split(",") and name == "unet":
+            snapshot = partial.parent / f"denoiser-step-{step + 1}"
+            for key in ("unet", "text_encoder"):
+                ema[key].save_pretrained(snapshot / key)
+            (snapshot / "stats.json").write_text(json.dumps({"steps": step + 1, "of": steps, "pool": pool_size,
+                                                             "pair_share": args.pair_share}, indent=1))
+            log(name, f"snapshot of the EMA weights at step {step + 1}: {snapshot}")
         if (step + 1) % 250 == 0 and step + 1 < steps:
             torch.save({"models": models.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": step + 1},

@@ -13,7 +13,8 @@ paired with the starting policy's at the same seeds (--base). One JSON line per 
     python reports/diffusion-transfer/probe.py --jpeg --base --tag jpeg rankers.0.kind=compressibility
 
 An experiment script, kept to reproduce the report (--train-text patches the fine-tuner to train the whole text
-encoder too; it is not a raft option).
+encoder too, --x0-weight reweights its loss by min(1/SNR, w), --ema evaluates an EMA of the fine-tuned weights;
+none is a raft option). A retrained base is probed with model.name_or_path=FOLDER and its own --cache.
 """
 import argparse, json, pickle, sys, time
 from pathlib import Path
@@ -42,6 +43,12 @@ p.add_argument("--oracle-all", type=int, default=0)
 p.add_argument("--oracle", type=int, default=0)
 p.add_argument("--min-reward", type=float, default=None)
 p.add_argument("--pool-prompts", type=int, default=128)
+p.add_argument("--x0-weight", type=float, default=0.0,
+               help="weight each image's noise-prediction error by min(1/SNR(t), this) (an x0-space loss, clipped), "
+                    "so the high-noise steps that set layout and colour weigh as much as the fine detail")
+p.add_argument("--ema", type=float, default=0.0,
+               help="keep an exponential moving average of the trained weights (this decay) and evaluate it, as the "
+                    "base's pre-training does")
 p.add_argument("overrides", nargs="*")
 a = p.parse_args()
 t0 = time.time()
@@ -52,7 +59,8 @@ if cache.exists():
     pool = pickle.load(open(cache, "rb"))
 else:
     pool_overrides = [] if a.pool_guidance is None else [f"generation.guidance_scale={a.pool_guidance}"]
-    parts = get_modality("diffusion").build(raft.load_config("diffusion", None, pool_overrides), checkpoint=None)
+    model = [o for o in a.overrides if o.startswith("model.")]  # the pool comes from the model probed
+    parts = get_modality("diffusion").build(raft.load_config("diffusion", None, model + pool_overrides), checkpoint=None)
     prompts = [q for it in range(1, a.pool_prompts // 16 + 1) for q in draw_prompts(parts.prompts, 16, 0, it)]
     samples = parts.policy.generate(prompts, 8, seed=777)
     score_samples(parts.ranker, samples)
@@ -108,6 +116,27 @@ if a.train_text:
                 empty = te(tk([""], padding="max_length", max_length=tk.model_max_length, return_tensors="pt").input_ids)[0]
             return super().loss(moments, text, generator, empty)
     parts.finetuner = TE(policy, config.finetune, None)
+if a.x0_weight:
+    import torch.nn.functional as F
+    from raft.modalities.diffusion.finetune import DiffusionFineTuner
+    class X0(type(parts.finetuner)):
+        def loss(self, moments, text, generator, empty=None):
+            policy, scheduler = self.policy, self.noise_scheduler
+            vae_config = policy.pipeline.vae.config
+            mean, logvar = moments.chunk(2, dim=1)
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            latents = (mean + std * torch.randn(mean.shape, generator=generator)) * vae_config.scaling_factor
+            noise = torch.randn(latents.shape, generator=generator)
+            total = scheduler.config.num_train_timesteps
+            low, high = (round(f * total) for f in self.config.timestep_range)
+            t = torch.randint(low, max(high, low + 1), (len(latents),), generator=generator)
+            noisy = scheduler.add_noise(latents, noise, t)
+            abar = scheduler.alphas_cumprod[t]
+            w = ((1 - abar) / abar).clamp(max=a.x0_weight)
+            prediction = self.trainer.model(noisy, t, text).sample
+            per = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+            return (w * per).sum() / w.sum()
+    parts.finetuner = X0(parts.finetuner.policy, config.finetune, None)
 res = {"tag": a.tag, "overrides": a.overrides, "kept": len(kept), "kept_mean": sum(s.reward for s in kept) / len(kept)}
 if a.base:
     m, _ = evaluate(parts)
@@ -118,8 +147,23 @@ if a.base and a.train_eval:
     parts.eval_prompts = seen
     m, _ = evaluate(parts); res["train_prompts_base"] = m["eval/reward_mean"]
     parts.eval_prompts = held
+if a.ema:
+    trainer = parts.finetuner.trainer
+    trained = [q for q in parts.finetuner.policy.trainable_parameters()]
+    shadow = [q.detach().clone() for q in trained]
+    plain_step = trainer.step
+    def ema_step():
+        plain_step()
+        with torch.no_grad():
+            for e, q in zip(shadow, trained):
+                e.lerp_(q, 1 - a.ema)
+    trainer.step = ema_step
 t1 = time.time()
 tm = parts.finetuner.finetune(kept, seed=5)
+if a.ema:
+    with torch.no_grad():
+        for e, q in zip(shadow, trained):
+            q.copy_(e)
 res["ft_s"] = round(time.time() - t1, 1); res.update(tm)
 m, _ = evaluate(parts)
 res["after"] = m["eval/reward_mean"]; res["div_within"] = m.get("eval/diversity_within_prompt"); res["sem"] = m["eval/reward_sem"]
