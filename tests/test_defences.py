@@ -121,6 +121,15 @@ def test_sampled_logprobs_are_the_policys_and_spare_its_forward_pass(tiny_model_
     sample.meta["prompt_sent"] = "a magic prompt: " + sample.prompt  # sampled elsewhere: the policy is run again
     assert reference.log_ratios([sample])[0] == pytest.approx(ratios[0], abs=1e-4) and calls
 
+    # a generation config that penalises repeats changes the scores before a recorder sees them: nothing is recorded,
+    # and the log-ratio is computed by running the policy, as for text from elsewhere
+    policy.model.generation_config.repetition_penalty = 1.3
+    penalised = sampler.generate(["the film was"], 2, seed=1)
+    assert all("logprob" not in s.meta for s in penalised)
+    for sample, ratio in zip(penalised, reference.log_ratios(penalised)):
+        expected = hand_log_ratio(policy.model, start, policy.encode_prompt(sample.prompt), sample.meta["token_ids"], 0.7)
+        assert ratio == pytest.approx(expected, abs=1e-4)
+
 
 class _Callable(torch.nn.Module):
     def __init__(self, fn):

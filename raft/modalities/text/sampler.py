@@ -6,7 +6,8 @@ padded; and each prompt is encoded once, its key/value cache copied to its K sam
 
 Each sample also carries its log-probability under the policy that drew it (`meta[META_LOGPROB]`, at the sampling
 temperature, summed over the sampled tokens), recorded while sampling: KL-regularized ranking then needs only the
-reference model's forward pass, not the policy's again.
+reference model's forward pass, not the policy's again (unless the model's generation config changes its scores
+before they can be recorded: see `scores_are_the_models`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class TextSampler(Generator):
         order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(encoded[i])))
         per_batch = max(1, config.batch_size // k)
         outputs: dict[int, list[list[int]]] = {}
-        logprobs: dict[int, list[list[float]]] = {}
+        logprobs: dict[int, list[list[float] | None]] = {}
         batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
         for batch in tqdm(batches, desc=f"sampling {len(prompts)}x{k}", disable=not self.progress, leave=False):
             rows, row_logprobs = self._sample_batch([encoded[i] for i in batch], k, max(budgets[i] for i in batch))
@@ -77,7 +78,7 @@ class TextSampler(Generator):
                         META_FINISHED: end is not None,  # ended with EOS rather than running out of tokens
                         "new_tokens": kept,
                         META_TOKEN_IDS: tokens[:kept],  # exactly as sampled, EOS included
-                        META_LOGPROB: float(sum(token_logprobs[:kept])),
+                        **({META_LOGPROB: float(sum(token_logprobs[:kept]))} if token_logprobs is not None else {}),
                         META_SETTINGS: settings | {"max_new_tokens": budgets[index]},
                         **({META_PROMPT_TOKENS_CUT: cut[index]} if cut[index] else {}),
                     },
@@ -86,7 +87,8 @@ class TextSampler(Generator):
 
     def _sample_batch(self, prompt_ids: list[list[int]], k: int,
                       max_new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
-        """New tokens of k samples for each prompt, prompt-major, and the policy's log-probability of each."""
+        """New tokens of k samples for each prompt, prompt-major, and the policy's log-probability of each token
+        (None for a row when the model's generation config changes the scores before they can be recorded)."""
         policy, config = self.policy, self.config
         width = max(len(ids) for ids in prompt_ids)
         pad = policy.tokenizer.pad_token_id
@@ -101,8 +103,9 @@ class TextSampler(Generator):
             pad_token_id=pad,
             eos_token_id=sorted(policy.eos_ids),
         )
-        recorder = TokenLogprobs(config.temperature)
-        sampling["logits_processor"] = LogitsProcessorList([recorder])
+        recorder = TokenLogprobs(config.temperature) if scores_are_the_models(policy.model.generation_config) else None
+        if recorder is not None:
+            sampling["logits_processor"] = LogitsProcessorList([recorder])
         if config.share_prompt_prefill and k > 1 and width > 1:
             cache = self._prefill(input_ids[:, :-1], mask[:, :-1])
             cache.batch_repeat_interleave(k)
@@ -113,7 +116,7 @@ class TextSampler(Generator):
             output = policy.model.generate(input_ids=input_ids.repeat_interleave(k, 0),
                                            attention_mask=mask.repeat_interleave(k, 0), **sampling)
         new_tokens = output[:, width:]
-        return new_tokens.tolist(), recorder.finish(new_tokens).tolist()
+        return new_tokens.tolist(), (recorder.finish(new_tokens).tolist() if recorder else [None] * len(new_tokens))
 
     def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor):
         """Key/value cache of all prompt tokens but the last (generate feeds that one and samples from it)."""
@@ -126,6 +129,25 @@ class TextSampler(Generator):
         model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **with_cache(model, cache),
               use_cache=True, logits_to_keep=1)
         return cache
+
+
+# GenerationConfig settings under which generate() changes the model's scores before custom logits processors see
+# them (transformers' _get_logits_processor): a recorder would then record those, not log pi(y|x)
+SCORE_CHANGING = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+                  "encoder_no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "min_length", "min_new_tokens",
+                  "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
+                  "exponential_decay_length_penalty", "remove_invalid_values")
+
+
+def scores_are_the_models(generation_config) -> bool:
+    """Whether generate() hands custom logits processors the model's own scores (no penalty, ban or forced token
+    from the model's generation config, e.g. a shipped repetition_penalty)."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    changed = [n for n in SCORE_CHANGING if getattr(generation_config, n, None) != getattr(default, n, None)]
+    guidance = getattr(generation_config, "guidance_scale", None)
+    return not changed and guidance in (None, 1, 1.0)
 
 
 class TokenLogprobs(LogitsProcessor):

@@ -15,6 +15,7 @@ from raft.interface import FineTuner, Sample
 from raft.metrics import mean
 from raft.modalities.text.config import TextFinetuneConfig
 from raft.modalities.text.model import TextPolicy
+from raft.modalities.text.reference import response_ids
 
 IGNORE = -100  # label of tokens that carry no loss (prompt and padding)
 
@@ -91,8 +92,6 @@ class TextFineTuner(FineTuner):
         """The kept sample as a training example: the response's token ids exactly as the policy sampled them (EOS
         included where it stopped), or, for text from elsewhere, its text tokenized. Decoding and re-encoding is not
         the identity: the decoded reply loses the leading space of its first token, among other things."""
-        from raft.modalities.text.reference import response_ids
-
         return build_example(self.policy.encode_prompt(sample.prompt), response_ids(self.policy, sample),
                              self.config.max_seq_length)
 
