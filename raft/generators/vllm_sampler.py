@@ -16,11 +16,12 @@ from raft.generators.sampling import SamplingSettings, chat_messages, seed_of
 from raft.interface import META_FINISHED, META_GENERATOR, META_PROMPT_SENT, META_SETTINGS, Generator, Sample
 
 
-def import_vllm():
+def import_vllm(what: str = "kind vllm"):
+    """The vllm module, or one line naming the setting (`what`) that asked for it."""
     try:
         import vllm
     except ImportError:
-        raise RaftError("kind vllm needs the vllm package, which is not installed "
+        raise RaftError(f"{what} needs the vllm package, which is not installed "
                         "(on a CUDA machine: pip install 'raft-align[vllm]')") from None
     return vllm
 

@@ -30,6 +30,11 @@ class TextModality(Modality):
         data = load_text_data(config.data)  # first: bad data fails before a model is loaded
         discard_rules = build_discard_rules(config.discard)
         external = build_external_generators(config)  # files, servers, vLLM: also before the policy loads
+        engine = None
+        if config.generation.backend == "vllm":  # the policy's vLLM engine: before the policy too (GPU memory)
+            from raft.modalities.text.vllm_policy import start_policy_engine
+
+            engine = start_policy_engine(config)
         replay = config.finetune.replay
         replay_texts = load_replay_texts(replay.texts, replay.field, config.data) if replay.share > 0 else []
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
@@ -51,7 +56,7 @@ class TextModality(Modality):
         return Components(
             prompts=data.prompts,
             eval_prompts=data.eval_prompts,
-            generator=build_generator(config, external, policy),
+            generator=build_generator(config, external, policy, engine),
             policy=TextSampler(policy, eval_generation),  # evaluation: the policy as deployed, no magic prompts
             ranker=with_timeout(with_aggregation(build_ranker(config.rankers, policy.device), config.ranker_aggregation),
                                 config.ranker_timeout_s),

@@ -67,6 +67,16 @@ class TextGenerationConfig(GenerationConfig):
         GenerationConfig, "batch_size", 64, "Sequences sampled per forward batch (prompts x samples per prompt).")
     share_prompt_prefill: bool = option(
         True, "Encode each prompt once and copy its key/value cache to its K samples, instead of K times.")
+    backend: Literal["hf", "vllm"] = option(
+        "hf",
+        "What samples the policy's training candidates (a `kind: policy` generator): hf (transformers' generate, "
+        "any device) or vllm (a vLLM engine in this process, GPU; pip install 'raft-align[vllm]'). With vllm the "
+        "policy's weights (or its LoRA adapter) are pushed into the engine before each iteration's sampling when "
+        "they changed, and each sample records the weights_version and weights_checksum it was drawn with. The "
+        "held-out evaluation keeps the hf sampler, so eval figures stay comparable across backends.")
+    vllm_args: dict[str, Any] = option(
+        {}, "backend vllm: keyword arguments of vllm.LLM (e.g. {gpu_memory_utilization: 0.3, dtype: bfloat16}; "
+        "default dtype: model.dtype; with LoRA, enable_lora and max_lora_rank are set from finetune.lora).")
 
 
 @dataclass
@@ -268,6 +278,11 @@ class TextRaftConfig(RaftConfig):
         require(r is None or (len(r) == 2 and 1 <= r[0] < r[1]), "generation.max_new_tokens_range",
                 "must be [low, high) with 1 <= low < high")
         self._validate_generators()
+        if self.generation.backend == "vllm":
+            require(self.model.gguf_file is None, "generation.backend",
+                    "vllm loads the model's safetensors directory; model.gguf_file is not supported with it")
+            require(any(g.kind == "policy" for g in self.generators), "generation.backend",
+                    "vllm samples the policy, but no generators entry is of kind policy")
         for i, ranker in enumerate(self.rankers):
             require(ranker.kind != "classifier" or bool(ranker.model), f"rankers.{i}.model", "is required by kind classifier")
         f = self.finetune

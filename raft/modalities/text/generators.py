@@ -57,8 +57,22 @@ def build_external(config: TextRaftConfig, index: int, entry: TextGeneratorConfi
     raise ValueError(f"unknown generator kind {entry.kind!r}")  # validated earlier; kept for readers
 
 
-def build_generator(config: TextRaftConfig, external: dict[int, Generator], policy: TextPolicy) -> Generator:
-    """The generator of the training samples: one part, or a `Mixture` of the parts by share."""
-    parts = [TextSampler(policy, config.generation, system_prompt=entry.sampling_system_prompt)
-             if entry.kind == "policy" else external[index] for index, entry in enumerate(config.generators)]
+def build_generator(config: TextRaftConfig, external: dict[int, Generator], policy: TextPolicy,
+                    engine=None) -> Generator:
+    """The generator of the training samples: one part, or a `Mixture` of the parts by share.
+
+    `engine`: generation.backend vllm's engine (`start_policy_engine`), started before the policy was loaded;
+    None: started here."""
+
+    def policy_sampler(entry: TextGeneratorConfig) -> Generator:
+        if config.generation.backend == "vllm":
+            from raft.modalities.text.vllm_policy import VLLMPolicySampler, start_policy_engine
+
+            nonlocal engine
+            engine = engine or start_policy_engine(config)
+            return VLLMPolicySampler(engine, policy, config.generation, system_prompt=entry.sampling_system_prompt)
+        return TextSampler(policy, config.generation, system_prompt=entry.sampling_system_prompt)
+
+    parts = [policy_sampler(entry) if entry.kind == "policy" else external[index]
+             for index, entry in enumerate(config.generators)]
     return assemble(parts, config.generators)
