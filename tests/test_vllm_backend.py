@@ -181,6 +181,12 @@ def test_unchanged_weights_are_not_pushed_again(fake_vllm, tiny_model_dir):
     perturb(policy.model.parameters(), seed=1)
     samples = sampler.generate(PROMPTS, 2, seed=2)
     assert engine.llm.model.loads == 2 and {s.meta["weights_version"] for s in samples} == {2}
+    with torch.no_grad():  # the smallest change a small learning rate makes: one weight, a few ulps
+        weight = policy.model.model.layers[1].mlp.down_proj.weight
+        weight[0, 0] = torch.nextafter(torch.nextafter(weight[0, 0], torch.tensor(1.0)), torch.tensor(1.0))
+    sampler.generate(PROMPTS, 1, seed=3)
+    assert engine.llm.model.loads == 3 and sampler.version == 3
+    assert torch.equal(engine_weights(engine)["model.layers.1.mlp.down_proj.weight"], weight)
 
 
 def test_a_sync_that_does_not_reach_the_engine_stops_the_run(fake_vllm, tiny_model_dir, monkeypatch):

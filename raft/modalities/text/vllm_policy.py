@@ -41,7 +41,10 @@ from raft.modalities.text.model import TextPolicy, resolve_model_source
 
 # LoRA ranks vLLM accepts as max_lora_rank; the engine is started with the smallest that holds finetune.lora.r
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 512)
-CHECKSUM_TOLERANCE = 1e-6  # relative: the same values summed in another order (another device) differ in the last bits
+# relative: the same values summed in float64 in another order (fused tensors, another device) differ in the last
+# bits only (~1e-14), while one fine-tuning step at a small learning rate moves the sum of squares of a 100M-weight
+# model by ~1e-8 of itself: the tolerance must stay far below that, or a stale engine would pass the check
+CHECKSUM_TOLERANCE = 1e-10
 
 
 def weights_checksum(tensors: Iterable[torch.Tensor], dtype: torch.dtype | None = None) -> float:
@@ -151,7 +154,7 @@ class VLLMPolicySampler(Generator):
         have been resumed from a checkpoint."""
         named = self._policy_weights()
         checksum = weights_checksum((t for _, t in named), None if self.lora else self.engine.dtype)
-        if self.synced is not None and same_checksum(checksum, self.synced):
+        if checksum == self.synced:  # exact: computed the same way on the same weights, it is the same float
             return
         self.version += 1
         if self.lora:
