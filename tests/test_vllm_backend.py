@@ -14,11 +14,10 @@ import torch
 
 import raft
 from raft.errors import ConfigError, RaftError
-from raft.modalities.text.config import LoraConfig, TextGenerationConfig, TextModelConfig
+from raft.modalities.text.config import TextFinetuneConfig, TextGenerationConfig
 from raft.modalities.text.model import load_policy
 from raft.modalities.text.sampler import TextSampler
 from raft.modalities.text.sft import TextFineTuner
-from raft.modalities.text.config import TextFinetuneConfig
 from raft.modalities.text.vllm_policy import PolicyEngine, VLLMPolicySampler, start_policy_engine, weights_checksum
 
 from conftest import tiny_overrides

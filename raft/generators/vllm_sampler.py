@@ -2,7 +2,8 @@
 
 vLLM is imported only when this generator is built, so raft installs and runs without it. The model is
 fixed for the run (a teacher, or a frozen copy of the starting policy): the policy's updated weights are
-not pushed into vLLM.
+not pushed into vLLM. For vLLM sampling the policy itself, synced each iteration, see `generation.backend: vllm`
+(raft/modalities/text/vllm_policy.py).
 """
 
 from __future__ import annotations
