@@ -64,6 +64,8 @@ def test_two_processes_train_diffusion_like_one(tiny_sd_dir, tiny_clip_dir, tmp_
     difference = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
     print(f"diffusion+lora: largest weight change {moved:.3e}; largest 1-vs-2-process difference {difference:.3e}")
     assert moved > 1e-2  # training moved the weights...
-    # ...the same way on 1 and 2 processes. Not 1e-7: the processes sum gradients in another order, and AdamW turns
-    # a rounding difference in an element whose gradient is near its eps (1e-8) into up to ~1e-3 of lr.
-    assert difference < 1e-4
+    # ...the same way on 1 and 2 processes (measured: 7.0e-5 of a change of 8.0e-2). Not 1e-7 as for text: the
+    # processes sum gradients in another order, and AdamW turns that rounding, in an element whose gradient is
+    # near its eps (1e-8), into a part in 1e3 of the learning rate (with eps=1e-4 the gap fell to 3.5e-7). With
+    # each process drawing its own noise, the held-out rewards already differed by 0.37 after one iteration.
+    assert difference < 3e-4
