@@ -77,26 +77,41 @@ class DiffusionFineTuner(FineTuner):
             texts.append(policy.encode_prompts([s.prompt for s in chunk]))
         return torch.cat(moments), torch.cat(texts)
 
-    def loss(self, moments: torch.Tensor, text: torch.Tensor, generator: torch.Generator,
+    def draw(self, generator: torch.Generator, rows: int, latent_shape: tuple[int, ...],
+             dropout: bool) -> dict[str, torch.Tensor]:
+        """The random draws of one micro-batch of `rows` images, in the order the loss has always drawn them (so a
+        one-process run draws the same stream as before): which rows lose their caption, the VAE latent sample,
+        the noise, the timesteps. Row i of each belongs to the micro-batch's image i, wherever it is trained."""
+        draws = {}
+        if dropout:
+            draws["dropped"] = torch.rand(rows, generator=generator) < self.config.caption_dropout
+        draws["latent"] = torch.randn((rows, *latent_shape), generator=generator)
+        draws["noise"] = torch.randn((rows, *latent_shape), generator=generator)
+        total = self.noise_scheduler.config.num_train_timesteps
+        low, high = (round(f * total) for f in self.config.timestep_range)
+        draws["timesteps"] = torch.randint(low, max(high, low + 1), (rows,), generator=generator)
+        return draws
+
+    def loss(self, moments: torch.Tensor, text: torch.Tensor, draws: dict[str, torch.Tensor] | torch.Generator,
              empty: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean squared error of the UNet's noise (or velocity) prediction on one micro-batch; with `empty`, a
-        `caption_dropout` share of the rows is conditioned on the empty prompt instead."""
+        """Mean squared error of the UNet's noise (or velocity) prediction on one micro-batch, with that
+        micro-batch's `draws` (CPU tensors, one row per image: the same draws on any device; a generator: drawn
+        from it here); with `empty`, the rows drawn as `dropped` are conditioned on the empty prompt instead."""
         policy, scheduler = self.policy, self.noise_scheduler
+        if isinstance(draws, torch.Generator):
+            draws = self.draw(draws, len(moments), (moments.shape[1] // 2, *moments.shape[2:]), empty is not None)
+        device = policy.device
         if empty is not None:
-            dropped = torch.rand(len(text), generator=generator) < self.config.caption_dropout
-            text = torch.where(dropped.to(text.device)[:, None, None], empty.expand_as(text), text)
+            dropped = draws["dropped"].to(device)
+            text = torch.where(dropped[:, None, None], empty.expand_as(text), text)
         vae_config = policy.pipeline.vae.config
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        draw = lambda shape: torch.randn(shape, generator=generator).to(policy.device)  # noqa: E731 (CPU generator: same draws on any device)
-        latents = mean + std * draw(mean.shape)
+        latents = mean + std * draws["latent"].to(device)
         shift = getattr(vae_config, "shift_factor", None) or 0.0
         latents = (latents - shift) * vae_config.scaling_factor
-        noise = draw(latents.shape)
-        total = scheduler.config.num_train_timesteps
-        low, high = (round(f * total) for f in self.config.timestep_range)
-        timesteps = torch.randint(low, max(high, low + 1), (len(latents),), generator=generator)
-        timesteps = timesteps.to(policy.device)
+        noise = draws["noise"].to(device)
+        timesteps = draws["timesteps"].to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
@@ -125,19 +140,32 @@ class DiffusionFineTuner(FineTuner):
                  for order in (torch.randperm(len(selected), generator=generator).tolist() for _ in range(config.epochs))
                  for i in range(0, len(selected), config.batch_size)]
 
-        def loss_of(index, size):
-            loss = self.loss(moments[index], texts[index], generator, empty)
-            return loss * len(index) / size, {"train/loss": loss.item() * len(index) / size}
+        latent_shape = (moments.shape[1] // 2, *moments.shape[2:])
+
+        def loss_of(positions, step, draws):
+            index = torch.tensor([step[p] for p in positions])
+            mine = {key: torch.stack([draws[p][key] for p in positions]) for key in draws[positions[0]]}
+            loss = self.loss(moments[index], texts[index], mine, empty)
+            return loss * len(index) / len(step), {"train/loss": loss.item() * len(index) / len(step)}
 
         policy.unet.train()
         losses = []
         for step in tqdm(steps, desc=f"fine-tuning on {len(selected)}", disable=not self.progress, leave=False):
-            chunks = [torch.tensor(step[j : j + micro]) for j in range(0, len(step), micro)]
+            # Every process draws the whole step's randomness as one process would (micro-batch by micro-batch)
+            # and trains its share of the images with their own draws: the data-parallel step sums to the
+            # one-process step, whatever the number of processes.
+            positions = list(range(len(step)))
+            draws = {}
+            for j in range(0, len(step), micro):
+                chunk = positions[j : j + micro]
+                drawn = self.draw(generator, len(chunk), latent_shape, empty is not None)
+                draws.update({p: {key: value[i] for key, value in drawn.items()} for i, p in enumerate(chunk)})
+            chunks = [positions[j : j + micro] for j in range(0, len(step), micro)]
             if trainer.num_processes > 1:  # each process its share of the step's images
-                mine = distributed.shard(step)
-                chunks = [torch.tensor(mine[j : j + max(1, micro // trainer.num_processes)])
-                          for j in range(0, len(mine), max(1, micro // trainer.num_processes))]
-            metrics = trainer.accumulate(chunks, lambda index: loss_of(index, len(step)), torch.tensor(step[:1]))
+                mine = distributed.shard(positions)
+                size = max(1, micro // trainer.num_processes)
+                chunks = [mine[j : j + size] for j in range(0, len(mine), size)]
+            metrics = trainer.accumulate(chunks, lambda chunk: loss_of(chunk, step, draws), [0])
             trainer.step()
             losses.append(trainer.reduce(metrics, ["train/loss"])["train/loss"])
         policy.unet.eval()
