@@ -177,9 +177,9 @@ def test_magic_prompt_is_sampled_with_and_never_trained_on(tiny_model_dir, promp
     sampled, trained = [], []
     sample_batch, example = TextSampler._sample_batch, TextFineTuner.example
 
-    def spy_sample_batch(self, prompt_ids, k, max_new_tokens):
+    def spy_sample_batch(self, model, prompt_ids, k, max_new_tokens):
         sampled.extend(self.policy.tokenizer.decode(ids) for ids in prompt_ids)
-        return sample_batch(self, prompt_ids, k, max_new_tokens)
+        return sample_batch(self, model, prompt_ids, k, max_new_tokens)
 
     def spy_example(self, sample):
         ids, labels = example(self, sample)

@@ -40,7 +40,7 @@ def test_shared_prefill_matches_plain_generation(policy):
                         progress=False)
     encoded = [policy.encode_prompt(p) for p in PROMPTS]
     with torch.no_grad():
-        (tokens, logprobs), (plain_tokens, plain_logprobs) = shared._sample_batch(encoded, 2, 8), plain._sample_batch(encoded, 2, 8)
+        (tokens, logprobs), (plain_tokens, plain_logprobs) = shared._sample_batch(policy.model, encoded, 2, 8), plain._sample_batch(policy.model, encoded, 2, 8)
     assert tokens == plain_tokens
     assert np.allclose(logprobs, plain_logprobs, atol=1e-4)  # the same log-probabilities, up to float rounding
 

@@ -27,6 +27,13 @@ class TextModelConfig(ModelConfig):
         "default sets false: its task is to continue a review's text, as a language model (LMFlow's IMDB task); "
         "chat tasks (instructions, the companion) set true.")
     system_prompt: str | None = option(None, "System message for every prompt, in sampling and training (null: the template's default).")
+    inference_dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = option(
+        "model",
+        "Dtype of the policy's copy that samples, scores log-ratios for KL-regularized ranking and evaluates "
+        "(the reference model too); training keeps model.dtype weights. model: no copy, model.dtype throughout. "
+        "bfloat16: about 1.6x faster sampling on CPUs with avx512_bf16/AMX and on GPUs, but emulated (slower) "
+        "on other CPUs. auto: bfloat16 where the hardware has it, else model.dtype. The copy is refreshed when "
+        "the trained weights change.")
 
 
 @dataclass

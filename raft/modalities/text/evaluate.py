@@ -36,9 +36,10 @@ class TextEvaluator(Evaluator):
     @torch.no_grad()
     def perplexity(self) -> float:
         total, count = 0.0, 0
+        model = self.policy.inference_model()
         for start in range(0, len(self.examples), self.batch_size):
             batch = collate(self.examples[start : start + self.batch_size], self.policy.tokenizer.pad_token_id,
                             self.policy.device)
-            nll, tokens = response_nll(self.policy.model, batch)
+            nll, tokens = response_nll(model, batch)
             total, count = total + nll.item(), count + tokens
         return math.exp(total / count) if count else math.nan

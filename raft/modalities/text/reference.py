@@ -14,7 +14,7 @@ import torch
 
 from raft.interface import (META_FINISHED, META_LOGPROB, META_PROMPT_SENT, META_SETTINGS, META_TOKEN_IDS, ReferenceModel,
                             Sample)
-from raft.modalities.text.model import TextPolicy, with_cache
+from raft.modalities.text.model import TextPolicy, weights_fingerprint, with_cache
 
 
 def response_ids(policy: TextPolicy, sample: Sample) -> list[int]:
@@ -38,15 +38,18 @@ class TextReference(ReferenceModel):
         eval_temperature = temperature if eval_temperature is None else eval_temperature
         self.eval_temperature = eval_temperature if eval_temperature > 0 else 1.0
         self.adapter = hasattr(policy.model, "disable_adapter")  # a peft model
-        self.frozen = None
+        self.frozen: dict[torch.dtype | None, torch.nn.Module] = {}  # by dtype: None, the weights' own
         self._load_start = load_start
 
-    def _frozen_model(self) -> torch.nn.Module:
-        if self.frozen is None:
-            self.frozen = self._load_start().to(self.policy.device).eval()
-            for parameter in self.frozen.parameters():
+    def _frozen_model(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """The starting model, loaded on first use; in `dtype` (model.inference_dtype) for ranking and evaluation,
+        in the weights' own dtype for PPO's per-token penalty, which the training forward is compared with."""
+        if dtype not in self.frozen:
+            model = self._load_start().to(self.policy.device).eval()
+            for parameter in model.parameters():
                 parameter.requires_grad_(False)
-        return self.frozen
+            self.frozen[dtype] = model.to(dtype) if dtype is not None else model
+        return self.frozen[dtype]
 
     @torch.no_grad()
     def measure(self, samples: list[Sample], temperature: float | None = None,
@@ -64,6 +67,7 @@ class TextReference(ReferenceModel):
         for index, sample in enumerate(samples):
             by_prompt.setdefault(sample.prompt, []).append(index)
         ratios, kls = [0.0] * len(samples), [float("nan")] * len(samples)
+        model = policy.inference_model()  # both sides in model.inference_dtype, as the sampler recorded its side
         was_training = policy.model.training
         policy.model.eval()
         for batch in self._batches(list(by_prompt.values())):
@@ -73,16 +77,17 @@ class TextReference(ReferenceModel):
             flat = [r for group in responses for r in group]
             recorded = [self._recorded_logprob(samples[i], len(r), temperature) for i, r in zip(indices, flat)]
             if self.adapter:
-                with policy.model.disable_adapter():
-                    theirs = self._response_logprobs(policy.model, prompts, responses, temperature)
+                with model.disable_adapter():
+                    theirs = self._response_logprobs(model, prompts, responses, temperature)
             else:
-                theirs = self._response_logprobs(self._frozen_model(), prompts, responses, temperature)
+                theirs = self._response_logprobs(self._frozen_model(policy.inference_dtype), prompts, responses,
+                                                 temperature)
             width = theirs.shape[1]
             index = torch.tensor([r + [0] * (width - len(r)) for r in flat], device=theirs.device).unsqueeze(-1)
             mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in flat], device=theirs.device)
             their_sums = (theirs.gather(-1, index).squeeze(-1) * mask).sum(-1)
             if exact_kl or any(value is None for value in recorded):
-                mine = self._response_logprobs(policy.model, prompts, responses, temperature)
+                mine = self._response_logprobs(model, prompts, responses, temperature)
                 my_sums = (mine.gather(-1, index).squeeze(-1) * mask).sum(-1).tolist()
                 if exact_kl:
                     kl = ((mine.exp() * (mine - theirs)).sum(-1) * mask).sum(-1)
@@ -172,7 +177,7 @@ class TextReference(ReferenceModel):
         return fingerprint == self._start_fingerprint
 
     def _fingerprint(self) -> tuple:
-        return tuple(float(p.detach().double().sum()) for p in self.policy.model.parameters() if p.requires_grad)
+        return weights_fingerprint(self.policy.model)
 
     def log_ratios(self, samples: list[Sample]) -> list[float]:
         return self.measure(samples, exact_kl=False)[0]

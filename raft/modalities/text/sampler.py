@@ -46,13 +46,14 @@ class TextSampler(Generator):
             budgets = [config.max_new_tokens] * len(prompts)
         encoded, cut = zip(*(self.policy.encode_prompt_cut(p, self.system_prompt) for p in prompts)) if prompts else ((), ())
 
+        model = self.policy.inference_model()  # the trained weights, or their copy in model.inference_dtype
         order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(encoded[i])))
         per_batch = max(1, config.batch_size // k)
         outputs: dict[int, list[list[int]]] = {}
         logprobs: dict[int, list[list[float] | None]] = {}
         batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
         for batch in tqdm(batches, desc=f"sampling {len(prompts)}x{k}", disable=not self.progress, leave=False):
-            rows, row_logprobs = self._sample_batch([encoded[i] for i in batch], k, max(budgets[i] for i in batch))
+            rows, row_logprobs = self._sample_batch(model, [encoded[i] for i in batch], k, max(budgets[i] for i in batch))
             for position, index in enumerate(batch):
                 outputs[index] = rows[position * k : (position + 1) * k]
                 logprobs[index] = row_logprobs[position * k : (position + 1) * k]
@@ -85,7 +86,7 @@ class TextSampler(Generator):
                 ))
         return samples
 
-    def _sample_batch(self, prompt_ids: list[list[int]], k: int,
+    def _sample_batch(self, model: torch.nn.Module, prompt_ids: list[list[int]], k: int,
                       max_new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
         """New tokens of k samples for each prompt, prompt-major, and the policy's log-probability of each token
         (None for a row when the model's generation config changes the scores before they can be recorded)."""
@@ -103,26 +104,24 @@ class TextSampler(Generator):
             pad_token_id=pad,
             eos_token_id=sorted(policy.eos_ids),
         )
-        recorder = TokenLogprobs(config.temperature) if scores_are_the_models(policy.model.generation_config) else None
+        recorder = TokenLogprobs(config.temperature) if scores_are_the_models(model.generation_config) else None
         if recorder is not None:
             sampling["logits_processor"] = LogitsProcessorList([recorder])
         if config.share_prompt_prefill and k > 1 and width > 1:
-            cache = self._prefill(input_ids[:, :-1], mask[:, :-1])
+            cache = self._prefill(model, input_ids[:, :-1], mask[:, :-1])
             cache.batch_repeat_interleave(k)
-            output = policy.model.generate(input_ids=input_ids.repeat_interleave(k, 0),
-                                           attention_mask=mask.repeat_interleave(k, 0),
-                                           **with_cache(policy.model, cache), **sampling)
+            output = model.generate(input_ids=input_ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
+                                    **with_cache(model, cache), **sampling)
         else:  # (num_return_sequences refuses greedy decoding, so copy the rows)
-            output = policy.model.generate(input_ids=input_ids.repeat_interleave(k, 0),
-                                           attention_mask=mask.repeat_interleave(k, 0), **sampling)
+            output = model.generate(input_ids=input_ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
+                                    **sampling)
         new_tokens = output[:, width:]
         return new_tokens.tolist(), (recorder.finish(new_tokens).tolist() if recorder else [None] * len(new_tokens))
 
-    def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor):
+    def _prefill(self, model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor):
         """Key/value cache of all prompt tokens but the last (generate feeds that one and samples from it)."""
         from transformers import DynamicCache
 
-        model = self.policy.model
         cache = DynamicCache(config=model.config)
         # left padding: positions count real tokens only, as generate() computes them
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
