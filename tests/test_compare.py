@@ -213,7 +213,7 @@ def test_compare_runs_every_method_per_seed_and_writes_the_report(tiny_model_dir
             continue
         rows = result["rows"]
         assert [r["iteration"] for r in rows] == [0, 1, 2] and sum(r["samples"] for r in rows[1:]) == 18
-        assert rows[0]["eval/kl_to_start"] == 0 and 0 < rows[-1]["eval/kl_to_start"] < 50  # it moved
+        assert rows[0]["eval/kl_to_start"] == 0 and 0 < abs(rows[-1]["eval/kl_to_start"]) < 50  # it moved (a sampled estimate)
         # KL-regularized ranking ran in the defended RAFT alone
         assert ("kl/beta" in rows[1]) == (result["method"] == "raft"), name
     starts = {json.dumps(r["rows"][0]["eval/reward_mean"]) for r in results.values() if r["method"] != "best_of_k"}

@@ -85,6 +85,14 @@ def test_kl_term_matches_a_hand_computation(tiny_model_dir, lora, one_thread):
         assert kl >= 0
     # exact KL is the expectation of the log-ratio: across many samples their means agree roughly
     assert sum(kls) > 0
+    # the held-out KL of samples the moved policy drew: exact per sample, or (eval.kl sampled) the log-ratio
+    fresh = TextSampler(policy, TextGenerationConfig(max_new_tokens=8, temperature=0.7), progress=False).generate(
+        ["the film was", "a dull plot"], 3, seed=2)
+    ratios, kls = reference.measure(fresh)
+    assert reference.kl_to_start(fresh) == pytest.approx(kls, abs=1e-5)
+    reference.exact_eval_kl = False
+    assert reference.kl_to_start(fresh) == pytest.approx(ratios, abs=1e-4)
+    assert reference.kl_to_start(fresh) != pytest.approx(kls, abs=1e-3)
 
 
 def test_sampled_logprobs_are_the_policys_and_spare_its_forward_pass(tiny_model_dir, one_thread):
@@ -260,8 +268,9 @@ def test_guard_rollback_keeps_the_last_good_checkpoint(tiny_model_dir, prompt_fi
     overrides = collapsing_overrides(tiny_model_dir, prompt_file, run_dir, reference_file)
     raft.run(raft.load_config("text", overrides=overrides + ["iterations=1", "finetune.learning_rate=1e-4"]))
     first_kl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1]["eval/kl_to_start"]
-    # continue at a learning rate that moves far from the start, with a bound just above iteration 1's KL
-    bound = first_kl * 1.01 + 1e-4
+    # continue at a learning rate that moves far from the start, with a bound just above iteration 1's KL (which the
+    # default sampled estimate can put a little below 0 after so small a move)
+    bound = max(first_kl, 0.0) * 1.01 + 1e-4
     raft.run(raft.load_config("text", run_dir / "config.yaml", overrides=[
         "iterations=4", "finetune.learning_rate=3e-2", f"guard.max_kl={bound}", "guard.action=rollback"]), resume=True,
         allow_changed_settings=True)  # a new learning rate changes what the run means: allowed explicitly

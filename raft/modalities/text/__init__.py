@@ -44,7 +44,7 @@ class TextModality(Modality):
             eval_generation = dataclasses.replace(config.generation, temperature=config.eval.temperature)
         reference = TextReference(policy, starting_model_loader(config.model), config.generation.temperature,
                                   config.finetune.max_seq_length, eval_temperature=eval_generation.temperature,
-                                  starts_at_start=checkpoint is None)
+                                  starts_at_start=checkpoint is None, exact_eval_kl=config.eval.kl == "exact")
         if config.finetune.objective == "ppo":  # a TextPPOConfig: the reference gives PPO's KL penalty too
             finetuner = PPOFineTuner(policy, config.finetune, config.ppo, reference, config.generation.temperature,
                                      checkpoint)

@@ -208,6 +208,12 @@ class TextEvalConfig(EvalConfig):
         "else at least 2.")
     batch_size: int = option(16, "Texts per forward pass for perplexity.", min=1)
     max_tokens: int = option(128, "Tokens per reference text for perplexity.", min=1)
+    kl: Literal["exact", "sampled"] = option(
+        "sampled",
+        "How eval/kl_to_start is measured on the held-out samples. sampled: the mean of their log-ratios log pi(y|x) - "
+        "log pi_0(y|x), an unbiased estimate of KL(pi || pi_0) (the one TRL reports); the policy's side was recorded "
+        "while sampling, so only the reference runs. exact: the KL summed over the whole vocabulary at each response "
+        "position, less noisy, but both models run (about 2x the cost).")
 
 
 @dataclass

@@ -27,7 +27,8 @@ def response_ids(policy: TextPolicy, sample: Sample) -> list[int]:
 
 class TextReference(ReferenceModel):
     def __init__(self, policy: TextPolicy, load_start: callable, temperature: float, max_length: int,
-                 batch_size: int = 16, starts_at_start: bool = True, eval_temperature: float | None = None):
+                 batch_size: int = 16, starts_at_start: bool = True, eval_temperature: float | None = None,
+                 exact_eval_kl: bool = True):
         """`load_start()` returns the starting model; it is only called under full fine-tuning.
         `starts_at_start`: the policy holds the starting weights now (False when resumed from a checkpoint)."""
         self.policy, self.max_length, self.batch_size = policy, max_length, batch_size
@@ -37,6 +38,7 @@ class TextReference(ReferenceModel):
         self.temperature = temperature if temperature > 0 else 1.0
         eval_temperature = temperature if eval_temperature is None else eval_temperature
         self.eval_temperature = eval_temperature if eval_temperature > 0 else 1.0
+        self.exact_eval_kl = exact_eval_kl
         self.adapter = hasattr(policy.model, "disable_adapter")  # a peft model
         self.frozen: dict[torch.dtype | None, torch.nn.Module] = {}  # by dtype: None, the weights' own
         self._load_start = load_start
@@ -183,7 +185,10 @@ class TextReference(ReferenceModel):
         return self.measure(samples, exact_kl=False)[0]
 
     def kl_to_start(self, samples: list[Sample]) -> list[float]:
-        return self.measure(samples, self.eval_temperature)[1]
+        """Per sample, the exact KL summed over its response positions, or (eval.kl sampled) its log-ratio: both
+        average to KL(pi || pi_0) over samples drawn from the policy."""
+        ratios, kls = self.measure(samples, self.eval_temperature, exact_kl=self.exact_eval_kl)
+        return kls if self.exact_eval_kl else ratios
 
 
 def starting_model_loader(model_config) -> callable:
