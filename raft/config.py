@@ -305,7 +305,11 @@ class LoraConfig:
 class FinetuneConfig:
     """Fine-tuning on the kept samples (raft/finetune/'s trainer)."""
 
-    learning_rate: float = option(2e-4, "AdamW learning rate, constant.", above=0)
+    learning_rate: float = option(2e-4, "AdamW learning rate (after the warm-up).", above=0)
+    warmup_steps: int = option(
+        0, "Optimizer steps at the start of each iteration's fine-tuning over which the learning rate rises linearly "
+        "to learning_rate (step i of the first warmup_steps uses (i + 1) / (warmup_steps + 1) of it). A fresh AdamW's "
+        "first steps move every weight by about the learning rate, whatever the gradient's size.", min=0)
     epochs: int = option(2, "Passes over the kept set per iteration.", min=1)
     batch_size: int = option(
         8, "Examples per optimizer step (split into micro-batches by gradient_accumulation_steps).", min=1)

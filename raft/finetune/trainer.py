@@ -40,6 +40,7 @@ class TrainerSettings:
     max_grad_norm: float = 0.0  # 0: no clipping
     carry_optimizer_state: bool = False  # keep AdamW moments across iterations (and in checkpoints)
     mixed_precision: str = "no"  # no, bf16 or fp16 (fp16 on CUDA only)
+    warmup_steps: int = 0  # each iteration's first steps ramp the learning rate up linearly
 
 
 class Trainer:
@@ -76,6 +77,7 @@ class Trainer:
             optimizer.load_state_dict(load_state(state, map_location=device))
         self.model, self.optimizer = self.accelerator.prepare(module, optimizer)
         self.started = self.resumed  # whether the optimizer has state worth keeping
+        self.steps_this_iteration = 0
 
     @property
     def num_processes(self) -> int:
@@ -89,6 +91,7 @@ class Trainer:
         if not self.settings.carry_optimizer_state:
             self.optimizer.optimizer.state.clear()  # what a new AdamW over the same parameters would hold
         self.started = True
+        self.steps_this_iteration = 0
 
     def accumulate(self, micro_batches: Sequence[Any], loss_of: Callable[[Any], tuple[torch.Tensor, dict]],
                    padding: Any = None) -> dict[str, float]:
@@ -128,8 +131,16 @@ class Trainer:
         """Clip the gradients (finetune.max_grad_norm), update, zero the gradients."""
         if self.settings.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.parameters, self.settings.max_grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
         self.optimizer.step()
+        self.steps_this_iteration += 1
         self.optimizer.zero_grad(set_to_none=True)
+
+    def learning_rate(self) -> float:
+        """The learning rate of the next step: warming up linearly over the iteration's first warmup_steps."""
+        warmup, step = self.settings.warmup_steps, self.steps_this_iteration
+        return self.settings.learning_rate * (min(1.0, (step + 1) / (warmup + 1)) if warmup else 1.0)
 
     def save_optimizer(self, directory: Path) -> None:
         """Write the AdamW state when it is carried (call on the main process)."""

@@ -1,0 +1,42 @@
+"""raft/finetune/trainer.py on one process: the learning-rate warm-up of each iteration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raft.finetune.trainer import Trainer, TrainerSettings
+
+
+def first_step_sizes(warmup_steps: int, steps: int = 4, iterations: int = 2) -> list[float]:
+    """The largest weight change of each optimizer step, over `iterations` iterations of `steps` steps."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 1)
+    trainer = Trainer(module, TrainerSettings(learning_rate=0.1, warmup_steps=warmup_steps))
+    inputs, targets = torch.randn(8, 4), torch.randn(8, 1)
+    sizes = []
+    for _ in range(iterations):
+        trainer.start()
+        for _ in range(steps):
+            before = module.weight.detach().clone()
+            trainer.accumulate([0], lambda _: (torch.nn.functional.mse_loss(trainer.model(inputs), targets), {}))
+            trainer.step()
+            sizes.append(float((module.weight.detach() - before).abs().max()))
+    return sizes
+
+
+def test_warmup_ramps_the_learning_rate_each_iteration():
+    plain, warm = first_step_sizes(0), first_step_sizes(2)
+    # a fresh AdamW moves each weight by about the learning rate at its first step, whatever the gradient
+    assert plain[0] == pytest.approx(0.1, rel=1e-3)
+    assert warm[0] == pytest.approx(0.1 / 3, rel=1e-3) and warm[1] < 0.1 * 0.7
+    assert warm[4] == pytest.approx(0.1 / 3, rel=1e-3)  # the next iteration warms up again (a fresh optimizer)
+    assert warm[3] == pytest.approx(plain[3], rel=0.5)  # past the warm-up: the full learning rate
+
+
+def test_warmup_bound_is_declared():
+    import raft
+    from raft.errors import RaftError
+
+    with pytest.raises(RaftError, match="finetune.warmup_steps"):
+        raft.load_config("text", overrides=["finetune.warmup_steps=-1"])
