@@ -3,7 +3,9 @@ called one prompt at a time. Same model, prompts, seed and sampling settings, me
 
     .venv/bin/python benchmarks/text_sampler_throughput.py [--prompts 16] [--k 8] [--max-new-tokens 40]
 
-Prints the figures and the ratio; it asserts nothing (a benchmark, not a test).
+Prints the figures, the ratio, and each method's share of the roofline: the machine's matmul rate at the sampler's
+shapes (measured in the same run, float32 and bfloat16) over the matmul FLOPs of one token. It asserts nothing (a
+benchmark, not a test).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def main() -> None:
     args = parser.parse_args()
 
     policy = load_policy(TextModelConfig(name_or_path=args.model, device=args.device), LoraConfig(), None)
+    bf16_policy = load_policy(TextModelConfig(name_or_path=args.model, device=args.device, inference_dtype="bfloat16"),
+                              LoraConfig(), None)
     prompts = load_text_data(TextDataConfig()).prompts[: args.prompts]
     settings = dict(temperature=args.temperature, top_p=1.0, top_k=0, max_new_tokens=args.max_new_tokens)
     print(f"model {args.model} on {policy.device}, torch threads {torch.get_num_threads()}; "
@@ -62,6 +66,7 @@ def main() -> None:
         "naive: generate(num_return_sequences=K) per prompt": lambda: naive(policy, prompts, args.k, settings, 0),
         "raft sampler, batched, no shared prefill": lambda: sample(policy, prompts, args, share=False),
         "raft sampler (default: batched + shared prefill)": lambda: sample(policy, prompts, args, share=True),
+        "raft sampler, model.inference_dtype=bfloat16": lambda: sample(bf16_policy, prompts, args, share=True),
     }
     totals = {name: [0, 0.0] for name in methods}
     for round_index in range(args.rounds):
@@ -75,9 +80,37 @@ def main() -> None:
                   f"{tokens / seconds:8.1f} tok/s", flush=True)
     rates = {name: tokens / seconds for name, (tokens, seconds) in totals.items()}
     base = rates[next(iter(methods))]
-    print()
+    per_token = flops_per_token(policy.model)
+    matmul = {dtype: matmul_rate(policy.model, args.batch_size, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    print(f"\nroofline: {per_token / 1e9:.3f} GFLOP per sampled token (2 x the weights of every matmul, the output "
+          f"head included); the machine's matmul rate at the sampler's shapes ({args.batch_size} rows): "
+          f"float32 {matmul[torch.float32] / 1e9:.1f} GFLOP/s, bfloat16 {matmul[torch.bfloat16] / 1e9:.1f} GFLOP/s")
     for name, rate in rates.items():
-        print(f"{name:52s} {rate:8.1f} tok/s   {rate / base:5.2f}x naive")
+        dtype = torch.bfloat16 if "bfloat16" in name else torch.float32
+        roofline = matmul[dtype] / per_token
+        print(f"{name:52s} {rate:8.1f} tok/s   {rate / base:5.2f}x naive   {rate / roofline:5.1%} of the "
+              f"{str(dtype).removeprefix('torch.')} roofline ({roofline:.0f} tok/s)"
+              + (f", {rate / (matmul[torch.float32] / per_token):5.1%} of float32's" if dtype != torch.float32 else ""))
+
+
+def flops_per_token(model) -> float:
+    """Matmul FLOPs of one decoded token: 2 x the weights of every linear layer (the output head included, tied to
+    the embedding or not); attention over the cache is left out (a few % at these lengths)."""
+    return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_rate(model, rows: int, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """FLOP/s of this machine's matmuls at one decode step's shapes: `rows` tokens times every linear layer's weight,
+    timed over `seconds`."""
+    weights = [m.weight.detach().to(dtype) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype) for w in weights}
+    step = lambda: [inputs[w.shape[1]] @ w.T for w in weights]
+    step()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        step()
+        done += 1
+    return done * 2.0 * rows * sum(w.numel() for w in weights) / (time.perf_counter() - started)
 
 
 def sample(policy, prompts, args, share: bool) -> int:

@@ -319,9 +319,10 @@ class FinetuneConfig:
     carry_optimizer_state: bool = option(
         False, "Keep AdamW moments across iterations (and in checkpoints). Off: a fresh optimizer each iteration.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory during fine-tuning.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = option(
         "no", "Mixed precision of fine-tuning (accelerate's autocast; the weights stay in model.dtype): bf16 (GPUs that "
-        "have it, and CPUs), fp16 (CUDA, with loss scaling) or no.")
+        "have it, and CPUs), fp16 (CUDA, with loss scaling) or no. auto: bf16 where the hardware runs it natively "
+        "(CUDA with bf16, CPUs with avx512_bf16/AMX), else no.")
     lora: LoraConfig = option(LoraConfig(), "LoRA adapter settings.")
 
 

@@ -117,6 +117,10 @@ def tiny_overrides(model_dir: Path, prompts: Path, run_dir: Path, references: Pa
         "eval.best_of_n=0",
         "rankers.0.kind=callable",
         f"rankers.0.function={REWARDS}:vowel_share",
+        # full precision throughout, so the figures do not depend on the CPU's bf16 support (the bf16 copy and
+        # autocast have their own tests: test_inference_dtype.py, test_trainer.py)
+        "model.inference_dtype=model",
+        "finetune.mixed_precision=no",
     ]
 
 

@@ -40,3 +40,15 @@ def test_warmup_bound_is_declared():
 
     with pytest.raises(RaftError, match="finetune.warmup_steps"):
         raft.load_config("text", overrides=["finetune.warmup_steps=-1"])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_precision_is_bf16_only_where_native(monkeypatch, fast):
+    from raft.finetune import distributed
+
+    monkeypatch.setattr(distributed, "has_fast_bf16", lambda device: fast)
+    trainer = Trainer(torch.nn.Linear(4, 1), TrainerSettings(learning_rate=0.1, mixed_precision="auto"))
+    assert trainer.settings.mixed_precision == ("bf16" if fast else "no")
+    assert trainer.accelerator.mixed_precision == ("bf16" if fast else "no")
+    out = trainer.model(torch.randn(2, 4))  # accelerate hands back float32, computed in bf16 under bf16
+    assert torch.equal(out, out.bfloat16().float()) == fast

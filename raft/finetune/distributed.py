@@ -8,6 +8,8 @@ one that reads and writes the run directory, knows (`broadcast`). On one process
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from raft.errors import RaftError
@@ -109,3 +111,17 @@ def finish() -> None:
     if world() > 1:
         state().wait_for_everyone()
         state().destroy_process_group()
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here: a CUDA GPU with bf16, or a CPU with avx512_bf16 or AMX (elsewhere
+    bf16 is emulated, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

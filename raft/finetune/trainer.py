@@ -20,7 +20,7 @@ micro-batches and processes too. Under N processes each one backpropagates its s
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,7 +39,7 @@ class TrainerSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0  # 0: no clipping
     carry_optimizer_state: bool = False  # keep AdamW moments across iterations (and in checkpoints)
-    mixed_precision: str = "no"  # no, bf16 or fp16 (fp16 on CUDA only)
+    mixed_precision: str = "no"  # no, bf16, fp16 (CUDA only) or auto (bf16 where native)
     warmup_steps: int = 0  # each iteration's first steps ramp the learning rate up linearly
 
 
@@ -50,8 +50,10 @@ class Trainer:
                  device: torch.device | None = None):
         from accelerate import Accelerator
 
-        self.settings = settings
         device = device or next(module.parameters()).device
+        if settings.mixed_precision == "auto":
+            settings = replace(settings, mixed_precision="bf16" if distributed.has_fast_bf16(device) else "no")
+        self.settings = settings
         if settings.mixed_precision == "fp16" and device.type != "cuda":
             raise RaftError("config: finetune.mixed_precision fp16 needs a CUDA device (bf16 runs on CPUs too)")
         distributed.state(cpu=device.type == "cpu")

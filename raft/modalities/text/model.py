@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from raft.errors import RaftError
-from raft.finetune.distributed import resolve_device
+from raft.finetune.distributed import has_fast_bf16, resolve_device
 from raft.modalities.text.config import LoraConfig, TextModelConfig
 
 BUILTIN_PREFIX = "builtin:"
@@ -192,19 +192,6 @@ def resolve_inference_dtype(setting: str, model_dtype: str, device: torch.device
     if setting == "model" or setting == model_dtype:
         return None
     return getattr(torch, setting)
-
-
-def has_fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively here: a CUDA GPU with bf16, or a CPU with avx512_bf16 or AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to tell, so no copy
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def with_cache(model: torch.nn.Module, cache) -> dict:
