@@ -529,8 +529,12 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
         raise errors[0] if len(errors) == 1 else ConfigError(
             f"config: {name} must be {_type_name(hint)}, got {_show(value)}")
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"config: {name} must be one of {', '.join(map(str, args))}; got {_show(value)}")
+        if isinstance(value, bool) and str(value).lower() not in map(str, args):
+            hint_text = " (YAML reads an unquoted no, yes, off or on as a boolean: quote the word)"
+        else:
+            hint_text = ""
+        if value not in args or isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            raise ConfigError(f"config: {name} must be one of {', '.join(map(str, args))}; got {_show(value)}{hint_text}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -626,6 +630,8 @@ class Override:
             self.value = raw
 
     def for_type(self, hint: Any) -> Any:
+        if typing.get_origin(hint) is Literal and self.raw in map(str, typing.get_args(hint)):
+            return self.raw  # one of the field's words, though YAML would read `no` as a boolean
         takes_text = hint is str or (typing.get_origin(hint) in (Union, types.UnionType) and str in typing.get_args(hint))
         return self.raw if takes_text and isinstance(self.value, (dict, list)) else self.value
 

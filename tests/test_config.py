@@ -154,3 +154,17 @@ def test_no_modality_imports_another():
             others = {m for m in _raft_imports(path) if m.startswith("raft.modalities.")
                       and not m.startswith(f"raft.modalities.{folder.name}")}
             assert not others, f"{path.relative_to(modalities)} imports {others}"
+
+
+def test_a_literal_word_that_yaml_reads_as_a_boolean(tmp_path):
+    """`no` is one of finetune.mixed_precision's words; YAML 1.1 reads it as False."""
+    import raft
+    from raft.errors import RaftError
+
+    assert raft.load_config("text", overrides=["finetune.mixed_precision=no"]).finetune.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  mixed_precision: no\n")
+    with pytest.raises(RaftError, match="finetune.mixed_precision must be one of .*got False .*quote the word"):
+        raft.load_config("text", path)
+    path.write_text("finetune:\n  mixed_precision: 'no'\n")
+    assert raft.load_config("text", path).finetune.mixed_precision == "no"

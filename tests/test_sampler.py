@@ -57,3 +57,32 @@ def test_max_new_tokens_range_is_drawn_per_prompt(policy):
 def test_chat_template_is_used_when_present(policy):
     rendered = policy.render("hello")
     assert rendered.startswith("<|im_start|>user\nhello") and rendered.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (2, 1.0), (0, 0.6)])
+def test_inverse_cdf_sampling_draws_from_the_warped_distribution(top_k, top_p):
+    """raft's own draw (generate then takes it greedily) follows temperature, top-k and top-p as transformers applies
+    them, and records the drawn token's log-probability under the untruncated distribution."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    from raft.modalities.text.sampler import InverseCdfSampling
+
+    torch.manual_seed(0)
+    rows, temperature = 40000, 0.7
+    logits = torch.tensor([2.0, 1.5, 0.3, -1.0, 0.9])
+    scores = logits.repeat(rows, 1)
+    sampler = InverseCdfSampling(temperature, top_k, top_p)
+    out = sampler(torch.zeros(rows, 1, dtype=torch.long), scores)
+    assert torch.isfinite(out).sum(-1).eq(1).all()  # one token per row, for generate's argmax
+    drawn = out.argmax(-1)
+    expected = logits / temperature
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected[None])[0]
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected[None])[0]
+    expected = expected.softmax(-1)
+    frequencies = torch.bincount(drawn, minlength=5).float() / rows
+    assert frequencies == pytest.approx(expected.tolist(), abs=0.01)
+    assert (frequencies[expected == 0] == 0).all()  # truncated tokens are never drawn
+    recorded = sampler.finish(drawn[:, None])[:, 0]
+    assert recorded == pytest.approx(torch.log_softmax(logits / temperature, -1)[drawn].tolist(), abs=1e-6)
