@@ -121,6 +121,7 @@ def tiny_overrides(model_dir: Path, prompts: Path, run_dir: Path, references: Pa
         # autocast have their own tests: test_inference_dtype.py, test_trainer.py)
         "model.inference_dtype=model",
         "finetune.mixed_precision=no",
+        "eval_every=1",  # the loop's tests read every iteration's held-out figures
     ]
 
 

@@ -264,6 +264,11 @@ class TextSelectionConfig(SelectionConfig):
 @dataclass
 class TextRaftConfig(RaftConfig):
     prompts_per_iteration: int = with_default(RaftConfig, "prompts_per_iteration", 24)
+    eval_every: int = with_default(
+        RaftConfig, "eval_every", 2,
+        "Held-out evaluation (reward, KL to the start, diversity, perplexity; what the guard checks) after every "
+        "this many iterations, and always after the last one (and before training). The text default evaluates "
+        "every second iteration: an evaluation costs about a third of an iteration. 1: every iteration.")
     # the default task continues review text (LMFlow's IMDB setup): a chat template turns the instruct model into an
     # assistant answering the review's author, the persona VADER rewards most and RAFT drifted into
     # bf16 sampling, scoring and evaluation where the hardware runs bf16 natively: the default's ~6 minutes here
