@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from tests.test_defences import perturbed
+from test_defences import perturbed
 
 
 def hand_logprob(model, prompt_ids, response_ids, temperature):
