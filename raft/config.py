@@ -156,6 +156,10 @@ class SelectionConfig:
                                   min=1)
     top_fraction: float = option(0.125, "Fraction of all samples kept by the global strategy (1/K in the RAFT paper).",
                                  above=0, max=1)
+    max_per_prompt: int | None = option(
+        None, "global: at most this many kept samples per prompt (null: no cap). The global strategy keeps the best "
+        "samples of the iteration wherever they are, which favours prompts whose replies are easy to make score; "
+        "a cap spreads the kept set over more prompts.", min=1)
     min_reward: float | None = option(
         None, "Reward floor: required by the threshold strategy, an extra filter for the others (null: none)."
     )

@@ -65,6 +65,9 @@ def select(samples: list[Sample], config: SelectionConfig,
             break
         if config.strategy == "local" and per_prompt[sample.prompt_index] >= config.keep_per_prompt:
             continue
+        if (config.strategy == "global" and config.max_per_prompt is not None
+                and per_prompt[sample.prompt_index] >= config.max_per_prompt):
+            continue
         if similar is not None:
             reason = similar.too_similar(sample)
             if reason:

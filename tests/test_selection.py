@@ -28,6 +28,12 @@ def test_global_keeps_top_fraction_across_prompts():
     assert sorted(s.reward for s in kept) == [0.8, 0.9]  # both from prompt 1: no per-prompt quota
 
 
+def test_global_cap_per_prompt_keeps_the_next_best_elsewhere():
+    samples = make([[0.1, 0.2, 0.3, 0.4], [0.9, 0.8, 0.7, 0.6]])
+    kept = select(samples, SelectionConfig(strategy="global", top_fraction=0.375, max_per_prompt=2))
+    assert sorted(s.reward for s in kept) == [0.4, 0.8, 0.9]  # prompt 1's third best gives way to prompt 0's best
+
+
 def test_threshold_and_min_reward_floor():
     samples = make([[0.1, 0.6], [0.7, 0.2]])
     kept = select(samples, SelectionConfig(strategy="threshold", min_reward=0.5))
