@@ -59,7 +59,7 @@ def candidates():
 
 
 def test_rrhf_step_is_the_mean_of_each_prompts_loss_computed_one_candidate_at_a_time(policy):
-    tuner = RrhfFineTuner(policy, TextFinetuneConfig(objective="rrhf", rrhf_weight=0.7, length_penalty=1.0), None,
+    tuner = RrhfFineTuner(policy, TextFinetuneConfig(objective="rrhf", rrhf_weight=0.7, length_penalty=1.0, mixed_precision="no"), None,
                           progress=False)
     samples = candidates()
     units = tuner.units(samples)
