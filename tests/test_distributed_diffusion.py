@@ -38,14 +38,26 @@ def test_two_processes_train_diffusion_like_one(tiny_sd_dir, tiny_clip_dir, tmp_
     assert "2 processes (MULTI_CPU)" in first.stdout
     raft_run(["--resume", str(two), "--trust-run-code", "iterations=2"], processes=2)
 
+    # iteration 1 samples the same starting weights: identical images. Iteration 2 samples weights that differ by
+    # AdamW's rounding (below): a pixel may move by a level, a reward by a few parts in 1e4 (measured 2.6e-4 on a
+    # fresh clone); the bug this test exists for moved the held-out rewards by 0.37
+    tolerance = {1: 1e-5, 2: 2e-3}
     for iteration in (1, 2):
         for name in ("samples", "selected", "eval_samples"):
             a, b = records(one, iteration, name), records(two, iteration, name)
             assert [(r["prompt"], r["seed"], r["output"]) for r in a] == \
                 [(r["prompt"], r["seed"], r["output"]) for r in b], (iteration, name)
-            assert [r["reward"] for r in a] == pytest.approx([r["reward"] for r in b], rel=1e-5), (iteration, name)
-            if name != "selected":  # selected records point at the same image files
-                assert [pixels(one, iteration, r) for r in a] == [pixels(two, iteration, r) for r in b], (iteration, name)
+            assert [r["reward"] for r in a] == pytest.approx([r["reward"] for r in b], rel=tolerance[iteration]), \
+                (iteration, name)
+            if name == "selected":  # selected records point at the same image files
+                continue
+            for ra, rb in zip(a, b):
+                mine, theirs = (np.frombuffer(pixels(run, iteration, r), np.uint8).astype(int)
+                                for run, r in ((one, ra), (two, rb)))
+                if iteration == 1:
+                    assert np.array_equal(mine, theirs), (iteration, name)
+                else:
+                    assert np.abs(mine - theirs).mean() < 0.5, (iteration, name)
         assert len(records(one, iteration, "selected")) > 0
 
     # only the main process wrote the run directory: the same files (the resume adds its log and a tracker file)
@@ -56,7 +68,8 @@ def test_two_processes_train_diffusion_like_one(tiny_sd_dir, tiny_clip_dir, tmp_
     assert [r["iteration"] for r in rows[1]] == [0, 1, 2]  # written once, by the main process
     for key in ("train/loss", "eval/reward_mean", "eval/diversity", "eval/diversity_within_prompt"):
         for iteration in (1, 2):
-            assert rows[0][iteration][key] == pytest.approx(rows[1][iteration][key], rel=1e-5, abs=1e-7), key
+            assert rows[0][iteration][key] == pytest.approx(rows[1][iteration][key], rel=tolerance[iteration],
+                                                            abs=1e-7), key
 
     weights = [load_file(run / "checkpoints" / "iter-0002" / WEIGHTS) for run in (one, two)]
     assert weights[0].keys() == weights[1].keys()
