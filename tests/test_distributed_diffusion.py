@@ -38,23 +38,26 @@ def test_two_processes_train_diffusion_like_one(tiny_sd_dir, tiny_clip_dir, tmp_
     assert "2 processes (MULTI_CPU)" in first.stdout
     raft_run(["--resume", str(two), "--trust-run-code", "iterations=2"], processes=2)
 
-    # iteration 1 samples the same starting weights: identical images. Iteration 2 samples weights that differ by
-    # AdamW's rounding (below): a pixel may move by a level, a reward by a few parts in 1e4 (measured 2.6e-4 on a
-    # fresh clone); the bug this test exists for moved the held-out rewards by 0.37
-    tolerance = {1: 1e-5, 2: 2e-3}
+    # iteration 1's candidates come from the same starting weights: identical images. Images drawn after fine-tuning
+    # (iteration 1's held-out ones, all of iteration 2's) come from weights that differ by AdamW's rounding (below):
+    # a pixel may move by a level, a reward by a few parts in 1e4 (a fresh clone measured 1.4e-5 and 2.6e-4); the
+    # bug this test exists for moved the held-out rewards by 0.37
+    def tolerance(iteration: int, after_training: bool) -> float:
+        return 2e-3 if iteration == 2 or after_training else 1e-5
+
     for iteration in (1, 2):
         for name in ("samples", "selected", "eval_samples"):
             a, b = records(one, iteration, name), records(two, iteration, name)
+            rel = tolerance(iteration, name == "eval_samples")
             assert [(r["prompt"], r["seed"], r["output"]) for r in a] == \
                 [(r["prompt"], r["seed"], r["output"]) for r in b], (iteration, name)
-            assert [r["reward"] for r in a] == pytest.approx([r["reward"] for r in b], rel=tolerance[iteration]), \
-                (iteration, name)
+            assert [r["reward"] for r in a] == pytest.approx([r["reward"] for r in b], rel=rel), (iteration, name)
             if name == "selected":  # selected records point at the same image files
                 continue
             for ra, rb in zip(a, b):
                 mine, theirs = (np.frombuffer(pixels(run, iteration, r), np.uint8).astype(int)
                                 for run, r in ((one, ra), (two, rb)))
-                if iteration == 1:
+                if rel < 1e-4:
                     assert np.array_equal(mine, theirs), (iteration, name)
                 else:
                     assert np.abs(mine - theirs).mean() < 0.5, (iteration, name)
@@ -68,8 +71,8 @@ def test_two_processes_train_diffusion_like_one(tiny_sd_dir, tiny_clip_dir, tmp_
     assert [r["iteration"] for r in rows[1]] == [0, 1, 2]  # written once, by the main process
     for key in ("train/loss", "eval/reward_mean", "eval/diversity", "eval/diversity_within_prompt"):
         for iteration in (1, 2):
-            assert rows[0][iteration][key] == pytest.approx(rows[1][iteration][key], rel=tolerance[iteration],
-                                                            abs=1e-7), key
+            rel = tolerance(iteration, key.startswith("eval/"))
+            assert rows[0][iteration][key] == pytest.approx(rows[1][iteration][key], rel=rel, abs=1e-7), key
 
     weights = [load_file(run / "checkpoints" / "iter-0002" / WEIGHTS) for run in (one, two)]
     assert weights[0].keys() == weights[1].keys()
