@@ -17,10 +17,16 @@ class SamplingSettings:
 
     def budgets(self, count: int, rng: np.random.Generator) -> list[int]:
         """max_new_tokens of each of `count` prompts (drawn as the policy's sampler draws them)."""
-        if self.max_new_tokens_range:
-            low, high = self.max_new_tokens_range
-            return rng.integers(low, high, size=count).tolist()
-        return [self.max_new_tokens] * count
+        return draw_budgets(self.max_new_tokens, self.max_new_tokens_range, count, rng)
+
+
+def draw_budgets(max_new_tokens: int, max_new_tokens_range, count: int, rng: np.random.Generator) -> list[int]:
+    """max_new_tokens of each of `count` prompts: uniform in [low, high) when a range is set, else the fixed one.
+    Every sampler draws them this way, so one seed gives the same budgets whichever samples."""
+    if max_new_tokens_range:
+        low, high = max_new_tokens_range
+        return rng.integers(low, high, size=count).tolist()
+    return [max_new_tokens] * count
 
 
 def chat_messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:

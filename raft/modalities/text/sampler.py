@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from raft.generators.sampling import draw_budgets
 from raft.interface import (META_FINISHED, META_GENERATOR, META_LOGPROB, META_PROMPT_SENT, META_PROMPT_TOKENS_CUT,
                             META_SETTINGS, META_TOKEN_IDS, POLICY_GENERATOR, Generator, Sample)
 from raft.modalities.text.config import TextGenerationConfig
@@ -39,11 +40,7 @@ class TextSampler(Generator):
         k, config = samples_per_prompt, self.config
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        if config.max_new_tokens_range:
-            low, high = config.max_new_tokens_range
-            budgets = rng.integers(low, high, size=len(prompts)).tolist()
-        else:
-            budgets = [config.max_new_tokens] * len(prompts)
+        budgets = draw_budgets(config.max_new_tokens, config.max_new_tokens_range, len(prompts), rng)
         encoded, cut = zip(*(self.policy.encode_prompt_cut(p, self.system_prompt) for p in prompts)) if prompts else ((), ())
 
         model = self.policy.inference_model()  # the trained weights, or their copy in model.inference_dtype

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from raft.errors import RaftError
-from raft.generators.sampling import seed_of
+from raft.generators.sampling import draw_budgets, seed_of
 from raft.generators.vllm_sampler import import_vllm
 from raft.interface import (META_FINISHED, META_GENERATOR, META_PROMPT_SENT, META_PROMPT_TOKENS_CUT, META_SETTINGS,
                             META_TOKEN_IDS, META_WEIGHTS_CHECKSUM, META_WEIGHTS_VERSION, POLICY_GENERATOR, Generator,
@@ -177,11 +177,7 @@ class VLLMPolicySampler(Generator):
         self.sync()
         k, config = samples_per_prompt, self.config
         rng = np.random.default_rng(seed)  # the same budgets as the hf sampler draws for this seed
-        if config.max_new_tokens_range:
-            low, high = config.max_new_tokens_range
-            budgets = rng.integers(low, high, size=len(prompts)).tolist()
-        else:
-            budgets = [config.max_new_tokens] * len(prompts)
+        budgets = draw_budgets(config.max_new_tokens, config.max_new_tokens_range, len(prompts), rng)
         encoded, cut = zip(*(self.policy.encode_prompt_cut(p, self.system_prompt) for p in prompts)) if prompts else ((), ())
         eos_ids = self.policy.eos_ids
         greedy = config.temperature == 0
