@@ -13,7 +13,7 @@ paired with the starting policy's at the same seeds (--base). One JSON line per 
     python reports/diffusion-transfer/probe.py --jpeg --base --tag jpeg rankers.0.kind=compressibility
 
 An experiment script, kept to reproduce the report (--train-text patches the fine-tuner to train the whole text
-encoder too, --x0-weight reweights its loss by min(1/SNR, w), --ema evaluates an EMA of the fine-tuned weights;
+encoder too, --x0-weight reweights its loss by min(1/SNR, w), --ema evaluates an EMA of the fine-tuned weights, --guided-loss fits the guided prediction;
 none is a raft option). A retrained base is probed with model.name_or_path=FOLDER and its own --cache.
 """
 import argparse, json, pickle, sys, time
@@ -49,6 +49,9 @@ p.add_argument("--x0-weight", type=float, default=0.0,
 p.add_argument("--ema", type=float, default=0.0,
                help="keep an exponential moving average of the trained weights (this decay) and evaluate it, as the "
                     "base's pre-training does")
+p.add_argument("--guided-loss", type=float, default=0.0,
+               help="fit the classifier-free-guided prediction uncond + w (cond - uncond) to the kept images with this w "
+                    "(DDPO's policy is the guided sampler's), gradients through both branches")
 p.add_argument("overrides", nargs="*")
 a = p.parse_args()
 t0 = time.time()
@@ -125,11 +128,9 @@ if a.x0_weight:
             vae_config = policy.pipeline.vae.config
             mean, logvar = moments.chunk(2, dim=1)
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            latents = (mean + std * torch.randn(mean.shape, generator=generator)) * vae_config.scaling_factor
-            noise = torch.randn(latents.shape, generator=generator)
-            total = scheduler.config.num_train_timesteps
-            low, high = (round(f * total) for f in self.config.timestep_range)
-            t = torch.randint(low, max(high, low + 1), (len(latents),), generator=generator)
+            draws = generator if isinstance(generator, dict) else self.draw(generator, len(mean), mean.shape[1:], False)
+            latents = (mean + std * draws["latent"]) * vae_config.scaling_factor
+            noise, t = draws["noise"], draws["timesteps"]
             noisy = scheduler.add_noise(latents, noise, t)
             abar = scheduler.alphas_cumprod[t]
             w = ((1 - abar) / abar).clamp(max=a.x0_weight)
@@ -137,6 +138,23 @@ if a.x0_weight:
             per = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
             return (w * per).sum() / w.sum()
     parts.finetuner = X0(parts.finetuner.policy, config.finetune, None)
+if a.guided_loss:
+    import torch.nn.functional as F
+    class Guided(type(parts.finetuner)):
+        def loss(self, moments, text, generator, empty=None):
+            policy, scheduler = self.policy, self.noise_scheduler
+            unconditional_text = policy.encode_prompts([""]).expand_as(text)
+            mean, logvar = moments.chunk(2, dim=1)
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            draws = generator if isinstance(generator, dict) else self.draw(generator, len(mean), mean.shape[1:], False)
+            latents = (mean + std * draws["latent"]) * policy.pipeline.vae.config.scaling_factor
+            noise, t = draws["noise"], draws["timesteps"]
+            noisy = scheduler.add_noise(latents, noise, t)
+            both = self.trainer.model(torch.cat([noisy, noisy]), torch.cat([t, t]),
+                                      torch.cat([unconditional_text, text])).sample.float()
+            unconditional, conditional = both.chunk(2)
+            return F.mse_loss(unconditional + a.guided_loss * (conditional - unconditional), noise)
+    parts.finetuner = Guided(parts.finetuner.policy, config.finetune, None)
 res = {"tag": a.tag, "overrides": a.overrides, "kept": len(kept), "kept_mean": sum(s.reward for s in kept) / len(kept)}
 if a.base:
     m, _ = evaluate(parts)

@@ -14,7 +14,7 @@ import torch
 
 from raft.interface import (META_FINISHED, META_LOGPROB, META_PROMPT_SENT, META_SETTINGS, META_TOKEN_IDS, ReferenceModel,
                             Sample)
-from raft.modalities.text.model import TextPolicy, weights_fingerprint, with_cache
+from raft.modalities.text.model import TextPolicy, last_logits_only, weights_fingerprint, with_cache
 
 
 def response_ids(policy: TextPolicy, sample: Sample) -> list[int]:
@@ -78,19 +78,21 @@ class TextReference(ReferenceModel):
             responses = [[response_ids(policy, samples[i])[: self.max_length - 1] for i in group] for group in batch]
             flat = [r for group in responses for r in group]
             recorded = [self._recorded_logprob(samples[i], len(r), temperature) for i, r in zip(indices, flat)]
+            width = max(1, max(map(len, flat)))
+            index = torch.tensor([r + [0] * (width - len(r)) for r in flat], device=policy.device).unsqueeze(-1)
+            mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in flat], device=policy.device)
+            # the whole distributions only for the exact KL; else just the sampled tokens' log-probabilities
+            keep = None if exact_kl else index
             if self.adapter:
                 with model.disable_adapter():
-                    theirs = self._response_logprobs(model, prompts, responses, temperature)
+                    theirs = self._response_logprobs(model, prompts, responses, temperature, keep)
             else:
                 theirs = self._response_logprobs(self._frozen_model(policy.inference_dtype), prompts, responses,
-                                                 temperature)
-            width = theirs.shape[1]
-            index = torch.tensor([r + [0] * (width - len(r)) for r in flat], device=theirs.device).unsqueeze(-1)
-            mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in flat], device=theirs.device)
-            their_sums = (theirs.gather(-1, index).squeeze(-1) * mask).sum(-1)
+                                                 temperature, keep)
+            their_sums = ((theirs if keep is not None else theirs.gather(-1, index).squeeze(-1)) * mask).sum(-1)
             if exact_kl or any(value is None for value in recorded):
-                mine = self._response_logprobs(model, prompts, responses, temperature)
-                my_sums = (mine.gather(-1, index).squeeze(-1) * mask).sum(-1).tolist()
+                mine = self._response_logprobs(model, prompts, responses, temperature, keep)
+                my_sums = ((mine if keep is not None else mine.gather(-1, index).squeeze(-1)) * mask).sum(-1).tolist()
                 if exact_kl:
                     kl = ((mine.exp() * (mine - theirs)).sum(-1) * mask).sum(-1)
                     for position, sample_index in enumerate(indices):
@@ -140,8 +142,9 @@ class TextReference(ReferenceModel):
         return batches + ([current] if current else [])
 
     def _response_logprobs(self, model, prompts: list[list[int]], responses: list[list[list[int]]],
-                           temperature: float) -> torch.Tensor:
-        """Log-probabilities at the sampling temperature of every response position, [responses, length, vocab].
+                           temperature: float, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities at the sampling temperature of every response position, [responses, length, vocab]; with
+        `tokens` ([responses, length, 1] token ids), only theirs, [responses, length].
 
         Each prompt is encoded once and its key/value cache shared by its responses (K samples per prompt make
         this several times cheaper than encoding prompt + response for each)."""
@@ -157,7 +160,7 @@ class TextReference(ReferenceModel):
         cache = DynamicCache(config=getattr(model, "config", None))
         first = model(input_ids=prompt_ids, attention_mask=prompt_mask,
                       position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), **with_cache(model, cache), use_cache=True,
-                      logits_to_keep=1).logits  # [prompts, 1, vocab]: predicts each response's first token
+                      logits_to_keep=last_logits_only(width)).logits  # [prompts, 1, vocab]: each response's first token
 
         owner = torch.tensor([g for g, group in enumerate(responses) for _ in group], device=device)
         flat = [r for group in responses for r in group]
@@ -168,8 +171,10 @@ class TextReference(ReferenceModel):
         positions = prompt_mask.sum(-1)[owner, None] + torch.arange(length, device=device)[None]
         rest = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask[owner], response_mask], dim=1),
                      position_ids=positions, **with_cache(model, cache), use_cache=True).logits
-        logits = torch.cat([first[owner], rest[:, :-1]], dim=1)  # position t predicts response token t
-        return torch.log_softmax(logits.float() / temperature, dim=-1)
+        logits = torch.cat([first[owner], rest[:, :-1]], dim=1).float() / temperature  # position t: response token t
+        if tokens is None:
+            return torch.log_softmax(logits, dim=-1)
+        return logits.gather(-1, tokens).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
     def _unchanged(self) -> bool:
         """Whether the policy still holds the starting weights (a cheap fingerprint of its trainable ones)."""

@@ -21,7 +21,7 @@ from raft.generators.sampling import draw_budgets
 from raft.interface import (META_FINISHED, META_GENERATOR, META_LOGPROB, META_PROMPT_SENT, META_PROMPT_TOKENS_CUT,
                             META_SETTINGS, META_TOKEN_IDS, POLICY_GENERATOR, Generator, Sample)
 from raft.modalities.text.config import TextGenerationConfig
-from raft.modalities.text.model import TextPolicy, with_cache
+from raft.modalities.text.model import TextPolicy, last_logits_only, with_cache
 
 
 class TextSampler(Generator):
@@ -132,7 +132,7 @@ class TextSampler(Generator):
         # left padding: positions count real tokens only, as generate() computes them
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **with_cache(model, cache),
-              use_cache=True, logits_to_keep=1)
+              use_cache=True, logits_to_keep=last_logits_only(input_ids.shape[1]))
         return cache
 
 
