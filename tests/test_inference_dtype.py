@@ -122,3 +122,26 @@ def test_an_unknown_dtype_is_refused_before_loading():
 
     with pytest.raises(RaftError, match="model.inference_dtype"):
         raft.load_config("text", overrides=["model.inference_dtype=int8"])
+
+
+def test_perplexity_is_the_hand_computed_one(tiny_model_dir, one_thread):
+    """The evaluator's perplexity (picked logit minus logsumexp, batched and padded) equals exp of the mean negative
+    log-likelihood computed text by text with a full log_softmax, in float32 and in the bf16 copy alike."""
+    import math
+
+    from raft.modalities.text.evaluate import TextEvaluator
+
+    texts = ["the film was a quiet delight", "I did not like it at all, not one bit", "fine"]
+    for dtype in ("model", "bfloat16"):
+        _, policy = load(tiny_model_dir, inference_dtype=dtype)
+        perturbed(policy.model, seed=3, scale=0.2)
+        model = policy.inference_model()
+        total, count = 0.0, 0
+        for text in texts:
+            ids = policy.tokenizer(text, add_special_tokens=True)["input_ids"][:16]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            total -= float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).sum())
+            count += len(ids) - 1
+        measured = TextEvaluator(policy, texts, batch_size=2, max_tokens=16).perplexity()
+        assert measured == pytest.approx(math.exp(total / count), rel=1e-3 if dtype == "bfloat16" else 1e-5)

@@ -9,7 +9,7 @@ import torch
 from raft.interface import Evaluator, Sample
 from raft.metrics import distinct_n, mean
 from raft.modalities.text.model import TextPolicy
-from raft.modalities.text.sft import IGNORE, collate, response_nll
+from raft.modalities.text.sft import IGNORE, collate
 
 
 class TextEvaluator(Evaluator):
@@ -40,6 +40,11 @@ class TextEvaluator(Evaluator):
         for start in range(0, len(self.examples), self.batch_size):
             batch = collate(self.examples[start : start + self.batch_size], self.policy.tokenizer.pad_token_id,
                             self.policy.device)
-            nll, tokens = response_nll(model, batch)
-            total, count = total + nll.item(), count + tokens
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            targets = batch["labels"][:, 1:]
+            mask = targets != IGNORE
+            # the picked logit minus the log-normaliser: a log_softmax would write a second [batch, length, vocabulary]
+            # tensor, a sixth of the perplexity's time on CPU
+            picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            total, count = total - (picked * mask).sum().item(), count + int(mask.sum())
         return math.exp(total / count) if count else math.nan

@@ -46,8 +46,8 @@ def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     logits = logits[:, :-1].float()
     if temperature != 1.0:  # a [batch, length, vocabulary] copy: only when it changes something
         logits = logits / temperature
-    # the picked logit minus the log-normaliser: log_softmax would write a second [batch, length, vocabulary] tensor
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked * mask, mask
 
 
