@@ -205,9 +205,16 @@ def last_logits_only(width: int) -> torch.Tensor:
     """`logits_to_keep` for a forward whose logits matter at its last position only (a prompt's prefill). The usual
     `logits_to_keep=1` slices the hidden states into a non-contiguous view, which the language-model head then
     multiplies through a batched matmul that copies its weight once per row: 1.3 s for 16 rows of SmolLM2 in
-    bfloat16 on one CPU thread, against 10 ms for a contiguous input (benchmarks/text_sampler_throughput.py). An
-    index tensor makes the head's input a contiguous copy."""
+    bfloat16 on one CPU thread, against 10 ms for a contiguous input (benchmarks/lm_head_slice.py). An index
+    tensor makes the head's input a contiguous copy."""
     return torch.tensor([width - 1])
+
+
+def picked_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[tokens] along the last dimension without writing the whole log_softmax (a second
+    [batch, length, vocabulary] tensor): the picked logit minus the log-normaliser. `tokens` has `logits`' shape
+    but the last dimension."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def _first_line(error: Exception) -> str:

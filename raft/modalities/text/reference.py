@@ -14,7 +14,7 @@ import torch
 
 from raft.interface import (META_FINISHED, META_LOGPROB, META_PROMPT_SENT, META_SETTINGS, META_TOKEN_IDS, ReferenceModel,
                             Sample)
-from raft.modalities.text.model import TextPolicy, last_logits_only, weights_fingerprint, with_cache
+from raft.modalities.text.model import TextPolicy, last_logits_only, picked_logprobs, weights_fingerprint, with_cache
 
 
 def response_ids(policy: TextPolicy, sample: Sample) -> list[int]:
@@ -89,10 +89,14 @@ class TextReference(ReferenceModel):
             else:
                 theirs = self._response_logprobs(self._frozen_model(policy.inference_dtype), prompts, responses,
                                                  temperature, keep)
-            their_sums = ((theirs if keep is not None else theirs.gather(-1, index).squeeze(-1)) * mask).sum(-1)
+
+            def summed(logprobs):  # over each response's sampled tokens
+                return ((logprobs if keep is not None else logprobs.gather(-1, index).squeeze(-1)) * mask).sum(-1)
+
+            their_sums = summed(theirs)
             if exact_kl or any(value is None for value in recorded):
                 mine = self._response_logprobs(model, prompts, responses, temperature, keep)
-                my_sums = ((mine if keep is not None else mine.gather(-1, index).squeeze(-1)) * mask).sum(-1).tolist()
+                my_sums = summed(mine).tolist()
                 if exact_kl:
                     kl = ((mine.exp() * (mine - theirs)).sum(-1) * mask).sum(-1)
                     for position, sample_index in enumerate(indices):
@@ -174,7 +178,7 @@ class TextReference(ReferenceModel):
         logits = torch.cat([first[owner], rest[:, :-1]], dim=1).float() / temperature  # position t: response token t
         if tokens is None:
             return torch.log_softmax(logits, dim=-1)
-        return logits.gather(-1, tokens).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return picked_logprobs(logits, tokens.squeeze(-1))
 
     def _unchanged(self) -> bool:
         """Whether the policy still holds the starting weights (a cheap fingerprint of its trainable ones)."""
