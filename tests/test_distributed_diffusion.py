@@ -40,10 +40,10 @@ def test_two_processes_train_diffusion_like_one(tiny_sd_dir, tiny_clip_dir, tmp_
 
     # iteration 1's candidates come from the same starting weights: identical images. Images drawn after fine-tuning
     # (iteration 1's held-out ones, all of iteration 2's) come from weights that differ by AdamW's rounding (below):
-    # a pixel may move by a level, a reward by a few parts in 1e4 (a fresh clone measured 1.4e-5 and 2.6e-4); the
-    # bug this test exists for moved the held-out rewards by 0.37
+    # a pixel may move by a level, a reward by parts in 1e4 to 1e3 (fresh clones measured 1.4e-5, 2.6e-4 and 2.2e-3,
+    # which failed CI at the old 2e-3); the bug this test exists for moved the held-out rewards by 0.37 (about 25%)
     def tolerance(iteration: int, after_training: bool) -> float:
-        return 2e-3 if iteration == 2 or after_training else 1e-5
+        return 1e-2 if iteration == 2 or after_training else 1e-5
 
     for iteration in (1, 2):
         for name in ("samples", "selected", "eval_samples"):
@@ -60,7 +60,8 @@ def test_two_processes_train_diffusion_like_one(tiny_sd_dir, tiny_clip_dir, tmp_
                 if rel < 1e-4:
                     assert np.array_equal(mine, theirs), (iteration, name)
                 else:
-                    assert np.abs(mine - theirs).mean() < 0.5, (iteration, name)
+                    # a level here and there; the bug's images (other noise) differ by tens of levels on average
+                    assert np.abs(mine - theirs).mean() < 2, (iteration, name)
         assert len(records(one, iteration, "selected")) > 0
 
     # only the main process wrote the run directory: the same files (the resume adds its log and a tracker file)
