@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=64, help="raft sampler: sequences per batch")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="raft sampler: sequences per batch (generation.batch_size's text default)")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=2,

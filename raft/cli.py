@@ -81,6 +81,9 @@ outputs and of the weight average."""
 
 def main(argv: list[str] | None = None) -> int:
     """The `raft` command; a reader that closes the pipe early (`raft run --help | head`) ends it quietly."""
+    from raft.memory import keep_freed_memory
+
+    keep_freed_memory()  # glibc: reuse freed tensors' memory instead of faulting it in again (raft/memory.py)
     try:
         status = _main(argv)
         sys.stdout.flush()

@@ -44,6 +44,12 @@ def test_the_copy_samples_and_follows_the_trained_weights(tiny_model_dir, lora, 
     first = policy.inference_model()
     assert first is not policy.model and next(first.parameters()).dtype == torch.bfloat16
     assert policy.inference_model() is first  # unchanged weights: no new copy
+    # made parameter by parameter (no float32 duplicate on the way): its own storage, tied weights still one tensor
+    trained = {p.data_ptr() for p in policy.model.parameters()}
+    assert not any(p.data_ptr() in trained for p in first.parameters())
+    embeddings, head = first.get_input_embeddings(), first.get_output_embeddings()
+    if policy.model.config.tie_word_embeddings:
+        assert embeddings.weight is head.weight
 
     greedy = TextSampler(policy, TextGenerationConfig(max_new_tokens=8, temperature=0, share_prompt_prefill=False),
                          progress=False)

@@ -25,6 +25,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAFT_CACHE") or Path.home() / ".cache" / "raft")
 
 
+def copy_in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen copy of `model` in `dtype`, in eval mode, made without a full-precision duplicate on the way:
+    deepcopy(model).to(dtype) held a second float32 copy of every weight for a moment, 0.5 GB of peak memory for a
+    135M model. Each parameter is converted first and handed to deepcopy through its memo (tied weights stay
+    tied: they are one parameter)."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False) for p in model.parameters()}
+    copy = deepcopy(model, memo).to(dtype).eval()  # .to: the buffers (and any parameter the memo missed)
+    for parameter in copy.parameters():
+        parameter.requires_grad_(False)
+    return copy
+
+
 @dataclass
 class TextPolicy:
     """The model being aligned, with what sampling and training both need to agree on."""
@@ -50,10 +62,7 @@ class TextPolicy:
         fingerprint = weights_fingerprint(self.model)
         if self._inference is None or self._inference[0] != fingerprint:
             self._inference = None  # free the stale copy before making the new one
-            copy = deepcopy(self.model).to(self.inference_dtype).eval()
-            for parameter in copy.parameters():
-                parameter.requires_grad_(False)
-            self._inference = (fingerprint, copy)
+            self._inference = (fingerprint, copy_in_dtype(self.model, self.inference_dtype))
         return self._inference[1]
 
     def render(self, prompt: str, system_prompt: str | None = None) -> str:
