@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=128,
+    parser.add_argument("--batch-size", type=int, default=64,
                         help="raft sampler: sequences per batch (generation.batch_size's text default)")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--device", default="auto")
@@ -54,6 +54,9 @@ def main() -> None:
                         help="measure each method this many times, interleaved, so load drift hits all alike")
     args = parser.parse_args()
 
+    from raft.memory import keep_freed_memory
+
+    keep_freed_memory()  # as the raft command does; RAFT_MALLOC=system measures without it
     policy = load_policy(TextModelConfig(name_or_path=args.model, device=args.device), LoraConfig(), None)
     bf16_policy = load_policy(TextModelConfig(name_or_path=args.model, device=args.device, inference_dtype="bfloat16"),
                               LoraConfig(), None)
