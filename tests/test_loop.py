@@ -28,6 +28,13 @@ def test_two_iterations_write_a_complete_run_directory(tiny_model_dir, prompt_fi
         assert isinstance(metrics[-1][key], float), key
     assert metrics[1]["reward/selected_mean"] >= metrics[1]["reward/policy_mean"]
     assert (run_dir / "metrics.png").stat().st_size > 1000
+    # the plot shows the training metrics too, though iteration 0's row (the plot's first) has only evaluation ones
+    from raft.metrics import plotted_metrics
+
+    shown = plotted_metrics(metrics)
+    assert {"train/loss", "reward/policy_mean", "eval/reward_mean"} <= set(shown)
+    assert not any(name.startswith("time/") for name in shown)
+
     assert json.loads((run_dir / "state.json").read_text()) == {"completed_iteration": 2}
 
     samples = datasets.load_dataset("json", data_files=str(run_dir / "iterations/iter-0002/samples.jsonl"),
@@ -168,3 +175,13 @@ def test_eval_every_skips_held_out_evaluation_but_always_measures_the_last_itera
 def test_eval_every_must_be_positive():
     with pytest.raises(ConfigError, match="eval_every"):
         raft.load_config("text", overrides=["eval_every=0"])
+
+
+def test_the_plot_leaves_out_timings_flat_metrics_and_best_of_n_panels():
+    from raft.metrics import plotted_metrics
+
+    rows = [{"iteration": 0, "eval/reward_mean": 0.2, "eval/best_of_n_reward": 0.5, "time/evaluate": 3.0},
+            {"iteration": 1, "samples": 8, "train/loss": 2.0, "kl/beta": 0.02},
+            {"iteration": 2, "samples": 8, "train/loss": 1.5, "kl/beta": 0.03, "eval/reward_mean": 0.4}]
+    assert plotted_metrics(rows) == ["eval/reward_mean", "train/loss", "kl/beta"]  # samples never changed
+    assert plotted_metrics(rows[:1]) == ["eval/reward_mean"]  # one row: nothing is flat yet
