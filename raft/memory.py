@@ -8,7 +8,7 @@ time in the 5-minute offline default. With mmap off and trimming off, freed bloc
 default ran in 4:16 instead of 5:00 (system time 24 s, 1.7 million faults), the same figures to the last digit.
 
 The price is memory: what is freed stays in the process, and blocks of other sizes cannot always reuse the holes.
-The default's peak resident memory measured 6.8 GB with it, 6.2 GB without (5.9 GB with only the mmap threshold
+The default's peak resident memory measured 6.1 and 6.8 GB in two runs with it, 6.2 GB without (5.9 GB with only the mmap threshold
 pinned at 32 MB and no trimming, which ran in 4:38: the large blocks are the fine-tuning's logits). RAFT_MALLOC=system
 leaves malloc as it is, as do glibc's own MALLOC_* settings. PyTorch's CPU tuning guide makes the same point with
 jemalloc or tcmalloc preloaded; this needs no extra library.

@@ -151,3 +151,19 @@ def test_perplexity_is_the_hand_computed_one(tiny_model_dir, one_thread):
             count += len(ids) - 1
         measured = TextEvaluator(policy, texts, batch_size=2, max_tokens=16).perplexity()
         assert measured == pytest.approx(math.exp(total / count), rel=1e-3 if dtype == "bfloat16" else 1e-5)
+
+
+def test_loading_with_lora_and_checkpointing_prints_no_deprecation_warning(tiny_model_dir):
+    """The console stays clean: peft's read of transformers' deprecated `is_gradient_checkpointing` is silenced at
+    raft's call, and raft enables activation checkpointing under its current name."""
+    import warnings
+
+    from raft.modalities.text.model import enable_activation_checkpointing
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, policy = load(tiny_model_dir, lora=True)
+        enable_activation_checkpointing(policy.model)
+    assert any(getattr(module, "gradient_checkpointing", False) for module in policy.model.modules())  # enabled
+    deprecations = [str(w.message) for w in caught if "deprecat" in str(w.message).lower()]
+    assert deprecations == []

@@ -25,6 +25,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAFT_CACHE") or Path.home() / ".cache" / "raft")
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass: `activation_checkpointing_enable` where transformers has it
+    (5.x renamed it and warns on the old name on every call), `gradient_checkpointing_enable` before."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def copy_in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A frozen copy of `model` in `dtype`, in eval mode, made without a full-precision duplicate on the way:
     deepcopy(model).to(dtype) held a second float32 copy of every weight for a moment, 0.5 GB of peak memory for a
@@ -118,16 +125,22 @@ def load_policy(config: TextModelConfig, lora: LoraConfig, checkpoint: Path | No
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
 
     if lora.enabled:
+        import warnings
+
         import peft
 
-        if checkpoint is not None:
-            model = peft.PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
-        else:
-            targets = lora.target_modules[0] if lora.target_modules == ["all-linear"] else lora.target_modules
-            peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                          target_modules=targets, task_type="CAUSAL_LM")
-            torch.manual_seed(seed)
-            model = peft.get_peft_model(model, peft_config)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` while wrapping: its call, not ours,
+            # and a FutureWarning on every run's console
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            if checkpoint is not None:
+                model = peft.PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+            else:
+                targets = lora.target_modules[0] if lora.target_modules == ["all-linear"] else lora.target_modules
+                peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                              target_modules=targets, task_type="CAUSAL_LM")
+                torch.manual_seed(seed)
+                model = peft.get_peft_model(model, peft_config)
     model.to(device).eval()
     use_template = config.chat_template and bool(getattr(tokenizer, "chat_template", None))
     return TextPolicy(model, tokenizer, device, use_template, config.system_prompt,

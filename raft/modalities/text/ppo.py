@@ -29,7 +29,7 @@ from raft.finetune.trainer import Trainer, TrainerSettings
 from raft.interface import META_FINISHED, META_TOKEN_IDS, FineTuner, Sample
 from raft.metrics import mean
 from raft.modalities.text.config import PPOSettings, TextFinetuneConfig
-from raft.modalities.text.model import TextPolicy
+from raft.modalities.text.model import TextPolicy, enable_activation_checkpointing
 from raft.modalities.text.reference import TextReference
 from raft.rundir import load_state
 from raft.modalities.text.sft import build_example, collate, label_logprobs
@@ -132,7 +132,7 @@ class PPOFineTuner(FineTuner):
             value_head.load_state_dict(load_state(checkpoint / VALUE_HEAD_FILE, map_location=policy.device))
             self.kl_coef = json.loads((checkpoint / STATE_FILE).read_text())["kl_coef"]
         if finetune.gradient_checkpointing:
-            policy.model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(policy.model)
         self.module = PolicyWithValueHead(policy.model, value_head)
         # PPO's optimizer state always carries over (one run is one optimisation); weight decay: AdamW's default
         self.trainer = Trainer(self.module, TrainerSettings(settings.learning_rate, 0.01, settings.max_grad_norm, True,

@@ -14,7 +14,7 @@ from raft.finetune.trainer import Trainer, TrainerSettings
 from raft.interface import FineTuner, Sample
 from raft.metrics import mean
 from raft.modalities.text.config import TextFinetuneConfig
-from raft.modalities.text.model import TextPolicy
+from raft.modalities.text.model import TextPolicy, enable_activation_checkpointing
 from raft.modalities.text.reference import response_ids
 
 IGNORE = -100  # label of tokens that carry no loss (prompt and padding)
@@ -75,7 +75,7 @@ class TextFineTuner(FineTuner):
         self.replay = [lm_example(policy.tokenizer(t, add_special_tokens=True)["input_ids"][: config.replay.max_tokens])
                        for t in replay_texts] if config.replay.share > 0 else []
         if config.gradient_checkpointing:
-            policy.model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(policy.model)
         self.trainer = Trainer(policy.model, self.trainer_settings(), checkpoint, policy.device)
 
     def trainer_settings(self) -> TrainerSettings:
