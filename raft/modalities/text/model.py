@@ -36,9 +36,11 @@ def copy_in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
     """A frozen copy of `model` in `dtype`, in eval mode, made without a full-precision duplicate on the way:
     deepcopy(model).to(dtype) held a second float32 copy of every weight for a moment, 0.5 GB of peak memory for a
     135M model. Each parameter is converted first and handed to deepcopy through its memo (tied weights stay
-    tied: they are one parameter)."""
-    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False) for p in model.parameters()}
-    copy = deepcopy(model, memo).to(dtype).eval()  # .to: the buffers (and any parameter the memo missed)
+    tied: they are one parameter). As Module.to does, only floating-point parameters change dtype; deepcopy copies
+    the others as they are."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+            for p in model.parameters() if p.is_floating_point()}
+    copy = deepcopy(model, memo).to(dtype).eval()  # .to: the floating-point buffers
     for parameter in copy.parameters():
         parameter.requires_grad_(False)
     return copy
