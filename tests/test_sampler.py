@@ -31,16 +31,22 @@ def test_same_seed_same_samples_other_seed_other_samples(policy):
     assert first != [s.output for s in sampler.generate(PROMPTS, 2, seed=2)]
 
 
-def test_shared_prefill_matches_plain_generation(policy):
+@pytest.mark.parametrize("k", [1, 2])
+def test_shared_prefill_matches_plain_generation(policy, k):
     """Encoding each (left-padded) prompt once and copying its cache to K rows gives exactly what generate()
-    gives on K copies of the prompt: checked with greedy decoding, where both must agree token for token."""
+    gives on K copies of the prompt: checked with greedy decoding, where both must agree token for token. At K = 1
+    the prefill is raft's too (generate()'s own is slow on frozen weights)."""
     shared = TextSampler(policy, TextGenerationConfig(temperature=0, max_new_tokens=8, share_prompt_prefill=True),
                          progress=False)
     plain = TextSampler(policy, TextGenerationConfig(temperature=0, max_new_tokens=8, share_prompt_prefill=False),
                         progress=False)
     encoded = [policy.encode_prompt(p) for p in PROMPTS]
+    prefills = []
+    prefill = shared._prefill
+    shared._prefill = lambda *args: prefills.append(1) or prefill(*args)
     with torch.no_grad():
-        (tokens, logprobs), (plain_tokens, plain_logprobs) = shared._sample_batch(policy.model, encoded, 2, 8), plain._sample_batch(policy.model, encoded, 2, 8)
+        (tokens, logprobs), (plain_tokens, plain_logprobs) = shared._sample_batch(policy.model, encoded, k, 8), plain._sample_batch(policy.model, encoded, k, 8)
+    assert prefills == [1]  # raft's prefill ran, at K = 1 as well
     assert tokens == plain_tokens
     assert np.allclose(logprobs, plain_logprobs, atol=1e-4)  # the same log-probabilities, up to float rounding
 

@@ -112,7 +112,9 @@ class TextSampler(Generator):
             recorder = TokenLogprobs(config.temperature) if record else None
             if recorder is not None:
                 sampling["logits_processor"] = LogitsProcessorList([recorder])
-        if config.share_prompt_prefill and k > 1 and width > 1:
+        # at K = 1 too: generate()'s own prefill asks for the last position's logits through a non-contiguous slice,
+        # which with frozen weights (the inference copy) costs a copy of the 49k x 576 output weight per row
+        if config.share_prompt_prefill and width > 1:
             cache = self._prefill(model, input_ids[:, :-1], mask[:, :-1])
             cache.batch_repeat_interleave(k)
             output = model.generate(input_ids=input_ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
