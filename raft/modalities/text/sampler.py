@@ -116,7 +116,8 @@ class TextSampler(Generator):
         # which with frozen weights (the inference copy) costs a copy of the 49k x 576 output weight per row
         if config.share_prompt_prefill and width > 1:
             cache = self._prefill(model, input_ids[:, :-1], mask[:, :-1])
-            cache.batch_repeat_interleave(k)
+            if k > 1:  # (at K = 1 it would copy the cache for nothing)
+                cache.batch_repeat_interleave(k)
             output = model.generate(input_ids=input_ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
                                     **with_cache(model, cache), **sampling)
         else:  # (num_return_sequences refuses greedy decoding, so copy the rows)
