@@ -52,14 +52,22 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=2,
                         help="measure each method this many times, interleaved, so load drift hits all alike")
+    parser.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
+                        help="also measure the bfloat16 copy; auto: where the hardware runs bf16 natively (avx512_bf16/AMX, "
+                        "CUDA), as model.inference_dtype auto picks it (emulated bf16 is several times slower than float32)")
     args = parser.parse_args()
 
     from raft.memory import keep_freed_memory
 
     keep_freed_memory()  # as the raft command does; RAFT_MALLOC=system measures without it
     policy = load_policy(TextModelConfig(name_or_path=args.model, device=args.device), LoraConfig(), None)
+    from raft.finetune.distributed import has_fast_bf16
+
+    with_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and has_fast_bf16(policy.device))
+    if not with_bf16:
+        print("bfloat16 not measured: not native on this hardware (--bf16 yes measures it anyway)")
     bf16_policy = load_policy(TextModelConfig(name_or_path=args.model, device=args.device, inference_dtype="bfloat16"),
-                              LoraConfig(), None)
+                              LoraConfig(), None) if with_bf16 else None
     prompts = load_text_data(TextDataConfig()).prompts[: args.prompts]
     settings = dict(temperature=args.temperature, top_p=1.0, top_k=0, max_new_tokens=args.max_new_tokens)
     print(f"model {args.model} on {policy.device}, torch threads {torch.get_num_threads()}; "
@@ -72,6 +80,8 @@ def main() -> None:
         "raft sampler (default: batched + shared prefill)": lambda: sample(policy, prompts, args, share=True),
         "raft sampler, model.inference_dtype=bfloat16": lambda: sample(bf16_policy, prompts, args, share=True),
     }
+    if bf16_policy is None:
+        methods.pop("raft sampler, model.inference_dtype=bfloat16")
     totals = {name: [0, 0.0] for name in methods}
     for round_index in range(args.rounds):
         for name, run in methods.items():
@@ -86,7 +96,10 @@ def main() -> None:
     base = rates[next(iter(methods))]
     per_token = flops_per_token(policy.model)
     matmul = {dtype: matmul_rate(policy.model, args.batch_size, dtype) for dtype in (torch.float32, torch.bfloat16)}
-    print(f"\nroofline: {per_token / 1e9:.3f} GFLOP per sampled token (2 x the weights of every matmul, the output "
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "?") if os.path.exists("/proc/cpuinfo") else "?"
+    print(f"\nCPU: {cpu}; bf16 native: {has_fast_bf16(policy.device)}")
+    print(f"roofline: {per_token / 1e9:.3f} GFLOP per sampled token (2 x the weights of every matmul, the output "
           f"head included); the machine's matmul rate at the sampler's shapes ({args.batch_size} rows): "
           f"float32 {matmul[torch.float32] / 1e9:.1f} GFLOP/s, bfloat16 {matmul[torch.bfloat16] / 1e9:.1f} GFLOP/s")
     for name, rate in rates.items():

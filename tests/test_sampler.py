@@ -92,3 +92,30 @@ def test_inverse_cdf_sampling_draws_from_the_warped_distribution(top_k, top_p):
     assert (frequencies[expected == 0] == 0).all()  # truncated tokens are never drawn
     recorded = sampler.finish(drawn[:, None])[:, 0]
     assert recorded == pytest.approx(torch.log_softmax(logits / temperature, -1)[drawn].tolist(), abs=1e-6)
+
+
+def test_inverse_cdf_sampling_over_blocks_of_a_large_vocabulary():
+    """Without top-k/top-p the draw locates its block of the vocabulary, then its token: the same token as an exact
+    (float64) inverse CDF with the same uniform, never a banned (-inf) token or one past the vocabulary's end (the
+    last block is padded), and the recorded log-probability is the model's."""
+    from raft.modalities.text.sampler import InverseCdfSampling
+
+    torch.manual_seed(0)
+    rows, vocab, temperature = 2000, 2500, 0.8  # three blocks of 1024, the last one padded
+    logits = torch.randn(rows, vocab) * 2
+    logits[:, 2000] = float("-inf")
+    logits[:, vocab - 1] += 6  # much of the mass on the very last token
+    sampler = InverseCdfSampling(temperature)
+    state = torch.get_rng_state()
+    drawn = sampler(torch.zeros(rows, 1, dtype=torch.long), logits.clone()).argmax(-1)
+    torch.set_rng_state(state)
+    uniforms = torch.rand(rows, 1).double()
+    cdf = torch.softmax(logits.double() / temperature, -1).cumsum(-1)
+    exact = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)[:, 0]
+    assert (drawn == exact).float().mean() >= 0.999
+    assert drawn.max() < vocab and not (drawn == 2000).any() and (drawn == vocab - 1).any()
+    recorded = sampler.finish(drawn[:, None])[:, 0]
+    expected = torch.log_softmax(logits / temperature, -1).gather(-1, drawn[:, None])[:, 0]
+    assert torch.allclose(recorded, expected, atol=1e-5)
+    again = sampler(torch.zeros(rows, 1, dtype=torch.long), logits.clone())  # the reused buffer: one token per row
+    assert torch.isfinite(again).sum(-1).eq(1).all()
