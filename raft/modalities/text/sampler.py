@@ -244,7 +244,8 @@ class InverseCdfSampling(LogitsProcessor):
         before = torch.where(where > 0, block_cdf.gather(-1, (where - 1).clamp(min=0)), 0.0)
         inner = weights.gather(1, where[:, :, None].expand(rows, 1, block)).squeeze(1).cumsum(-1)  # [rows, block]
         # rounding can leave the residual a hair outside [0, the block's sum): keep it inside, on tokens of weight > 0
-        residual = torch.minimum((draw - before).clamp(min=0.0), inner[:, -1:] * (1 - 1e-6))
+        below_sum = torch.nextafter(inner[:, -1:], torch.zeros_like(inner[:, -1:]))
+        residual = torch.minimum((draw - before).clamp(min=0.0), below_sum)
         offset = torch.searchsorted(inner, residual, right=True).clamp(max=block - 1)
         tokens = (where * block + offset).clamp(max=vocab - 1)
         logprobs = (scores.gather(-1, tokens).float() - top).squeeze(-1) / self.temperature - total.squeeze(-1).log()
