@@ -72,7 +72,11 @@ class Trainer:
         self.parameters = [p for p in module.parameters() if p.requires_grad]
         if not self.parameters:
             raise RaftError("finetune: the model has no trainable parameters")
-        optimizer = torch.optim.AdamW(self.parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        # torch's fused AdamW, where it has one: on CPUs the default one loops over the parameters, op by op (0.6-0.7 s
+        # a step for SmolLM2-135M in float32 on 2 cores, against 0.08 s fused: a seventh of the fine-tuning's time)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.parameters)
+        optimizer = torch.optim.AdamW(self.parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                                      **({"fused": True} if fused else {}))
         state = checkpoint / OPTIMIZER_FILE if checkpoint is not None else None
         self.resumed = settings.carry_optimizer_state and state is not None and state.is_file()
         if self.resumed:
