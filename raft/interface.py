@@ -109,8 +109,10 @@ class Evaluator(ABC):
     """Modality metrics on the policy's held-out samples (the loop computes their reward itself)."""
 
     @abstractmethod
-    def evaluate(self, eval_samples: list[Sample]) -> dict[str, float]:
-        """Metrics such as perplexity on reference data, diversity and length."""
+    def evaluate(self, eval_samples: list[Sample], iteration: int = 0, last: bool = True) -> dict[str, float]:
+        """Metrics such as perplexity on reference data, diversity and length. `iteration` (0: the starting policy)
+        and `last` (no later evaluation will come) let a modality measure a costly, slow-moving metric at fewer
+        evaluations than the others."""
 
 
 DiscardRule = Callable[[Sample], "str | None"]  # returns why a sample is discarded, or None to keep it

@@ -83,9 +83,10 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
         train_metrics = parts.finetuner.finetune(selected, seed=stage("finetune")) if selected else {}
 
         eval_metrics, eval_samples = {}, []
-        if on_main(lambda: evaluates(config, iteration, train_seconds(run_dir.metrics()) + stage.elapsed())):
+        last = on_main(lambda: is_last(config, iteration, train_seconds(run_dir.metrics()) + stage.elapsed()))
+        if last or iteration % config.eval_every == 0:
             stage("evaluate")
-            eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard)
+            eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard, iteration, last)
 
         _kill_point(iteration, "save")
         row = {
@@ -234,7 +235,7 @@ def evaluate_starting_policy(run_dir: RunDirectory, parts: Components, config: R
         run_dir.initialize(dump_yaml(config))
     _kill_point(0, "evaluate")
     started = time.perf_counter()
-    eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard)
+    eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard, 0, last=config.iterations == 0)
     files = {"eval_samples": eval_samples}
     if parts.eval_best_of_n:
         best_metrics, files["best_of_n_samples"] = best_of_n(parts, parts.eval_best_of_n, config.prompts_per_shard)
@@ -248,12 +249,11 @@ def evaluate_starting_policy(run_dir: RunDirectory, parts: Components, config: R
     return 0
 
 
-def evaluates(config: RaftConfig, iteration: int, spent_seconds: float) -> bool:
-    """Whether `iteration` ends with the held-out evaluation: every eval_every iterations, and the run's last one
-    (the last of config.iterations, or the one that spends max_train_seconds), so every run ends measured."""
-    last = iteration == config.iterations or (
+def is_last(config: RaftConfig, iteration: int, spent_seconds: float) -> bool:
+    """Whether `iteration` is the run's last one (the last of config.iterations, or the one that spends
+    max_train_seconds). Held-out evaluation ends it, and every eval_every-th one, so every run ends measured."""
+    return iteration == config.iterations or (
         config.max_train_seconds is not None and spent_seconds >= config.max_train_seconds)
-    return last or iteration % config.eval_every == 0
 
 
 def budget_spent(config: RaftConfig, run_dir: RunDirectory, iteration: int) -> bool:
@@ -348,7 +348,8 @@ def guard_stopped(config: RaftConfig, run_dir: RunDirectory) -> bool:
     return True
 
 
-def evaluate(parts: Components, per_shard: int | None = None) -> tuple[dict, list[Sample]]:
+def evaluate(parts: Components, per_shard: int | None = None, iteration: int = 0,
+             last: bool = False) -> tuple[dict, list[Sample]]:
     """Reward of the policy's own samples on held-out prompts, plus the collapse metrics and the modality's.
 
     Sharded: each process samples, scores and measures the KL of its shards of the held-out prompts; the
@@ -371,7 +372,7 @@ def evaluate(parts: Components, per_shard: int | None = None) -> tuple[dict, lis
     if parts.opening is not None and samples:
         openings = Counter(parts.opening(s, OPENING_WORDS) for s in samples)
         metrics["eval/top_opening_share"] = openings.most_common(1)[0][1] / len(samples)
-    return {**metrics, **on_main(lambda: parts.evaluator.evaluate(samples))}, samples
+    return {**metrics, **on_main(lambda: parts.evaluator.evaluate(samples, iteration, last))}, samples
 
 
 def best_of_n(parts: Components, n: int, per_shard: int | None = None) -> tuple[dict[str, float], list[Sample]]:

@@ -122,6 +122,7 @@ def tiny_overrides(model_dir: Path, prompts: Path, run_dir: Path, references: Pa
         "model.inference_dtype=model",
         "finetune.mixed_precision=no",
         "eval_every=1",  # the loop's tests read every iteration's held-out figures
+        "eval.perplexity_every=null",  # perplexity too (test_loop.py tests its schedule)
     ]
 
 

@@ -172,6 +172,23 @@ def test_eval_every_skips_held_out_evaluation_but_always_measures_the_last_itera
     assert all(isinstance(s["logprob"], float) and s["logprob"] < 0 for s in samples)  # recorded while sampling
 
 
+def test_perplexity_every_skips_perplexity_between_but_measures_the_start_and_the_last_evaluation(
+        tiny_model_dir, prompt_file, reference_file, tmp_path, one_thread):
+    def perplexity_rows(name: str, *extra: str) -> list[int]:
+        overrides = tiny_overrides(tiny_model_dir, prompt_file, tmp_path / name, reference_file) + [
+            "iterations=3", "eval.perplexity_every=2", *extra]
+        rows = [json.loads(line) for line in (raft.run(raft.load_config("text", overrides=overrides))
+                                              / "metrics.jsonl").read_text().splitlines()]
+        assert all(isinstance(row["eval/distinct_2"], float) for row in rows)  # every evaluation measures the rest
+        return [row["iteration"] for row in rows if "eval/perplexity" in row]
+
+    assert perplexity_rows("every-2") == [0, 2, 3]  # the start, every 2nd iteration, the last
+    # a guard bound set: any evaluation may be the run's last one, so each measures it
+    assert perplexity_rows("guarded", "guard.max_kl=1000") == [0, 1, 2, 3]
+    # the time budget makes iteration 1 the last one
+    assert perplexity_rows("budget", "max_train_seconds=1e-6") == [0, 1]
+
+
 def test_eval_every_must_be_positive():
     with pytest.raises(ConfigError, match="eval_every"):
         raft.load_config("text", overrides=["eval_every=0"])

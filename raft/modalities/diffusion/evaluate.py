@@ -46,7 +46,7 @@ class DiffusionEvaluator(Evaluator):
             return pixel_embeddings(images)
         return self.embedder.embed_images(images, self.batch_size)
 
-    def evaluate(self, eval_samples: list[Sample]) -> dict[str, float]:
+    def evaluate(self, eval_samples: list[Sample], iteration: int = 0, last: bool = True) -> dict[str, float]:
         if not eval_samples:
             return {}
         embeddings = self.embed([s.output for s in eval_samples])

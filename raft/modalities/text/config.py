@@ -215,6 +215,11 @@ class TextEvalConfig(EvalConfig):
         "else at least 2.")
     batch_size: int = option(16, "Texts per forward pass for perplexity.", min=1)
     max_tokens: int = option(128, "Tokens per reference text for perplexity.", min=1)
+    perplexity_every: int | None = option(
+        4, "Perplexity on the reference texts at the start, at the evaluations of every this many iterations and at "
+        "the last one; the evaluations between measure everything else (reward, KL, diversity, openings: what the guard "
+        "reads). Perplexity is about a third of an evaluation's cost and moves slowly. A run with a guard bound set "
+        "measures it at every evaluation (any may be its last). null: at every evaluation.", min=1)
     kl: Literal["exact", "sampled"] = option(
         "sampled",
         "How eval/kl_to_start is measured on the held-out samples. sampled: the mean of their log-ratios log pi(y|x) - "
@@ -275,7 +280,8 @@ class TextRaftConfig(RaftConfig):
         RaftConfig, "eval_every", 2,
         "Held-out evaluation (reward, KL to the start, diversity, perplexity; what the guard checks) after every "
         "this many iterations, and always after the last one (and before training). The text default evaluates "
-        "every second iteration: an evaluation costs about a third of an iteration. 1: every iteration.")
+        "every second iteration: an evaluation costs about a third of an iteration. 1: every iteration. Perplexity "
+        "has its own schedule: eval.perplexity_every.")
     # the default task continues review text (LMFlow's IMDB setup): a chat template turns the instruct model into an
     # assistant answering the review's author, the persona VADER rewards most and RAFT drifted into
     # bf16 sampling, scoring and evaluation where the hardware runs bf16 natively: the default's ~6 minutes here

@@ -13,8 +13,11 @@ from raft.modalities.text.sft import IGNORE, collate
 
 
 class TextEvaluator(Evaluator):
-    def __init__(self, policy: TextPolicy, reference_texts: list[str], batch_size: int, max_tokens: int):
-        self.policy, self.batch_size = policy, batch_size
+    def __init__(self, policy: TextPolicy, reference_texts: list[str], batch_size: int, max_tokens: int,
+                 perplexity_every: int | None = None):
+        """`perplexity_every`: perplexity at the start, at the evaluations of every this many iterations and at the
+        last one (None: at every evaluation)."""
+        self.policy, self.batch_size, self.perplexity_every = policy, batch_size, perplexity_every
         tokenizer = policy.tokenizer
         # every token after the first is predicted, so every one but the first is labelled
         self.examples = []
@@ -22,14 +25,15 @@ class TextEvaluator(Evaluator):
             ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens]
             self.examples.append((ids, [IGNORE] + ids[1:]))
 
-    def evaluate(self, eval_samples: list[Sample]) -> dict[str, float]:
+    def evaluate(self, eval_samples: list[Sample], iteration: int = 0, last: bool = True) -> dict[str, float]:
         texts = [s.output for s in eval_samples]
         metrics = {
             "eval/distinct_1": distinct_n(texts, 1),
             "eval/distinct_2": distinct_n(texts, 2),
             "eval/mean_words": mean(len(t.split()) for t in texts),
         }
-        if self.examples:
+        every = self.perplexity_every
+        if self.examples and (every is None or last or iteration % every == 0):
             metrics["eval/perplexity"] = self.perplexity()
         return metrics
 
