@@ -111,8 +111,8 @@ class Evaluator(ABC):
     @abstractmethod
     def evaluate(self, eval_samples: list[Sample], iteration: int = 0, last: bool = True) -> dict[str, float]:
         """Metrics such as perplexity on reference data, diversity and length. `iteration` (0: the starting policy)
-        and `last` (no later evaluation will come) let a modality measure a costly, slow-moving metric at fewer
-        evaluations than the others."""
+        and `last` (this evaluation may be the run's last one) let a modality measure a costly, slow-moving metric
+        at fewer evaluations than the others."""
 
 
 DiscardRule = Callable[[Sample], "str | None"]  # returns why a sample is discarded, or None to keep it

@@ -86,7 +86,8 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
         last = on_main(lambda: is_last(config, iteration, train_seconds(run_dir.metrics()) + stage.elapsed()))
         if last or iteration % config.eval_every == 0:
             stage("evaluate")
-            eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard, iteration, last)
+            # with a guard bound set any evaluation may end the run, so each counts as a possible last one
+            eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard, iteration, last or guard_set(config))
 
         _kill_point(iteration, "save")
         row = {
@@ -235,7 +236,7 @@ def evaluate_starting_policy(run_dir: RunDirectory, parts: Components, config: R
         run_dir.initialize(dump_yaml(config))
     _kill_point(0, "evaluate")
     started = time.perf_counter()
-    eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard, 0, last=config.iterations == 0)
+    eval_metrics, eval_samples = evaluate(parts, config.prompts_per_shard)
     files = {"eval_samples": eval_samples}
     if parts.eval_best_of_n:
         best_metrics, files["best_of_n_samples"] = best_of_n(parts, parts.eval_best_of_n, config.prompts_per_shard)
@@ -317,6 +318,11 @@ def kl_beta(config: RaftConfig, rows: list[dict]) -> float:
     return beta
 
 
+def guard_set(config: RaftConfig) -> bool:
+    """Whether any collapse-guard bound is set."""
+    return any(getattr(config.guard, name) is not None for name in GUARD_BOUNDS)
+
+
 def guard_crossed(config: RaftConfig, rows: list[dict]) -> str | None:
     """Why the last row of `rows` crosses a collapse-guard bound (relative bounds against row 0), or None."""
     if len(rows) < 2:
@@ -349,7 +355,7 @@ def guard_stopped(config: RaftConfig, run_dir: RunDirectory) -> bool:
 
 
 def evaluate(parts: Components, per_shard: int | None = None, iteration: int = 0,
-             last: bool = False) -> tuple[dict, list[Sample]]:
+             last: bool = True) -> tuple[dict, list[Sample]]:
     """Reward of the policy's own samples on held-out prompts, plus the collapse metrics and the modality's.
 
     Sharded: each process samples, scores and measures the KL of its shards of the held-out prompts; the

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from raft.config import GUARD_BOUNDS
 from raft.interface import Components, Modality
 from raft.rankers import with_aggregation, with_timeout
 from raft.modalities.text.config import TextRaftConfig
@@ -63,7 +62,7 @@ class TextModality(Modality):
                                 config.ranker_timeout_s),
             finetuner=finetuner,
             evaluator=TextEvaluator(policy, data.reference_texts, config.eval.batch_size, config.eval.max_tokens,
-                                    perplexity_every=None if guard_set(config.guard) else config.eval.perplexity_every),
+                                    config.eval.perplexity_every),
             discard_rules=discard_rules,
             reference=reference,
             features=features,
@@ -72,11 +71,6 @@ class TextModality(Modality):
             eval_best_of_n=config.eval.best_of_n,
             eval_seed=config.eval.seed,
         )
-
-
-def guard_set(guard) -> bool:
-    """Whether any collapse-guard bound is set: then any evaluation may be the run's last."""
-    return any(getattr(guard, name) is not None for name in GUARD_BOUNDS)
 
 
 def check_context(config: TextRaftConfig, model_config) -> int:
