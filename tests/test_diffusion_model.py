@@ -163,3 +163,37 @@ def test_carried_optimizer_state_is_checkpointed(tiny_sd_dir, tmp_path):
     again = DiffusionFineTuner(resumed, DiffusionFinetuneConfig(epochs=1, batch_size=1, carry_optimizer_state=True),
                                tmp_path, progress=False)
     assert again.optimizer is not None and again.optimizer.state_dict()["state"]
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_anchor_holds_the_predictions_near_the_start(tiny_sd_dir, lora):
+    """finetune.anchor pulls the UNet's predictions toward the starting UNet's (LoRA: the adapter switched off;
+    whole UNet: a frozen copy of the base): the same fine-tuning moves them less, and the drift is logged."""
+    from raft.modalities.diffusion.model import load_start_unet
+
+    model = DiffusionModelConfig(name_or_path=str(tiny_sd_dir), device="cpu")
+    start = load_start_unet(model, torch.device("cpu"))
+    probe = torch.Generator().manual_seed(99)
+    noisy = torch.randn((4, 4, 8, 8), generator=probe)
+    timesteps = torch.randint(0, 1000, (4,), generator=probe)
+
+    def drift_after(anchor):
+        policy = policy_of(tiny_sd_dir, lora=lora)
+        samples = DiffusionSampler(policy, GENERATION, progress=False).generate(PROMPTS, 2, seed=0)
+        config = DiffusionFinetuneConfig(learning_rate=5e-2 if lora else 2e-3, epochs=3, batch_size=2, anchor=anchor)
+        tuner = DiffusionFineTuner(policy, config, None, progress=False, start_unet=None if lora else start)
+        metrics = tuner.finetune(samples, seed=0)
+        assert ("train/drift_from_start" in metrics) == (anchor > 0)
+        assert all(p.requires_grad for p in policy.trainable_parameters()) and policy.trainable_parameters()
+        with torch.no_grad():
+            text = policy.encode_prompts(PROMPTS * 2)
+            moved = policy.unet(noisy, timesteps, text).sample
+            return torch.mean((moved - start(noisy, timesteps, text).sample) ** 2).item(), metrics
+
+    free, _ = drift_after(0.0)
+    held, metrics = drift_after(20.0)
+    assert free > 0 and held < 0.5 * free
+    assert 0 <= metrics["train/drift_from_start"] < free
+    if not lora:
+        with pytest.raises(ValueError, match="needs the starting UNet"):
+            DiffusionFineTuner(policy_of(tiny_sd_dir, lora=False), DiffusionFinetuneConfig(anchor=1.0), None)

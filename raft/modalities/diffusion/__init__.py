@@ -29,7 +29,7 @@ class DiffusionModality(Modality):
         from raft.modalities.diffusion.evaluate import GRID_FILE, DiffusionEvaluator, write_grid
         from raft.modalities.diffusion.finetune import DiffusionFineTuner
         from raft.modalities.diffusion.generators import build_external_generators, build_generator
-        from raft.modalities.diffusion.model import load_policy
+        from raft.modalities.diffusion.model import load_policy, load_start_unet
         from raft.modalities.diffusion.rankers import build_ranker, clip_model_of, processor_of
         from raft.finetune.distributed import resolve_device
         from raft.rankers import with_aggregation, with_timeout
@@ -42,6 +42,8 @@ class DiffusionModality(Modality):
                               config.ranker_timeout_s)
         policy = load_policy(config.model, config.finetune.lora, checkpoint, seed=config.seed)
         sampler = DiffusionSampler(policy, config.generation)
+        anchored_unet = config.finetune.anchor > 0 and not config.finetune.lora.enabled
+        start_unet = load_start_unet(config.model, policy.device) if anchored_unet else None
 
         embedding_model = config.eval.embedding_model
         if embedding_model is None:
@@ -73,7 +75,7 @@ class DiffusionModality(Modality):
             policy=sampler,
             ranker=ranker,
             finetuner=DiffusionFineTuner(policy, config.finetune, checkpoint,
-                                         resolution=config.generation.resolution),
+                                         resolution=config.generation.resolution, start_unet=start_unet),
             evaluator=evaluator,
             features=features,
             eval_samples_per_prompt=config.eval.samples_per_prompt,

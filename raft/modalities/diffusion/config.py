@@ -172,6 +172,15 @@ class DiffusionFinetuneConfig(FinetuneConfig):
         "Training timesteps are drawn uniformly from this share of the noise schedule ([0, 1]: all, the standard "
         "loss). Layout is decided at the noisy end: [0.5, 1.0] trains only there, leaving the fine detail of the "
         "low-noise steps alone (on the offline default it did not change the outcome; see the README).")
+    anchor: float = option(
+        0.0,
+        "Weight of the pull toward the starting model: the loss adds anchor x the mean squared difference between "
+        "the UNet's prediction and the starting UNet's on the same noisy latent, timestep and caption. That "
+        "difference bounds the KL between the two samplers step by step (DPOK's KL regulariser), so it is the "
+        "diffusion counterpart of the text modality's KL to the start: it holds the model near what it drew before "
+        "while selection pulls it toward the kept images. With LoRA the start is the UNet with its adapter switched "
+        "off; with the whole UNet, a frozen copy of the base UNet is loaded (one more UNet in memory). Its size each "
+        "iteration is logged as train/drift_from_start. 0: off.", min=0)
     lora: DiffusionLoraConfig = option(DiffusionLoraConfig(), "LoRA adapter settings.")
 
 

@@ -4,6 +4,12 @@ For each kept (prompt, image): encode the image with the frozen VAE, draw a time
 and regress the UNet's prediction at the noised latent onto the noise (or the velocity, for v-prediction
 models), conditioned on the frozen text encoder's embedding of the prompt. VAE moments and text embeddings
 are computed once per iteration; the VAE latent is re-sampled from its moments at every step.
+
+With `finetune.anchor` > 0 the loss adds a pull toward the starting model: the mean squared difference between
+the UNet's prediction and the starting UNet's on the same noisy latent, timestep and caption. Between two Gaussian
+denoising steps of equal variance the KL is proportional to that squared difference, so summed over the steps it
+bounds the KL between the two samplers (DPOK, Fan et al. 2023): the diffusion counterpart of the text modality's KL
+to the start.
 """
 
 from __future__ import annotations
@@ -42,10 +48,15 @@ def image_tensor(images, size: int) -> torch.Tensor:
 
 class DiffusionFineTuner(FineTuner):
     def __init__(self, policy: DiffusionPolicy, config: DiffusionFinetuneConfig, checkpoint: Path | None,
-                 progress: bool = True, resolution: int | None = None):
+                 progress: bool = True, resolution: int | None = None, start_unet: torch.nn.Module | None = None):
+        """`start_unet`: the starting UNet, frozen, which `config.anchor` pulls toward when the whole UNet is trained
+        (with LoRA the start is the UNet with its adapter switched off, and this stays None)."""
         from diffusers import DDPMScheduler
 
         self.policy, self.config, self.progress = policy, config, progress
+        if config.anchor > 0 and not policy.lora and start_unet is None:
+            raise ValueError("finetune.anchor on the whole UNet needs the starting UNet (start_unet)")
+        self.start_unet = start_unet
         # the size every kept image is trained at: the sampling resolution (generation.resolution, else the model's
         # own), whatever size a file generator's images have
         self.resolution = resolution or policy.default_resolution()
@@ -95,9 +106,16 @@ class DiffusionFineTuner(FineTuner):
 
     def loss(self, moments: torch.Tensor, text: torch.Tensor, draws: dict[str, torch.Tensor] | torch.Generator,
              empty: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean squared error of the UNet's noise (or velocity) prediction on one micro-batch, with that
-        micro-batch's `draws` (CPU tensors, one row per image: the same draws on any device; a generator: drawn
-        from it here); with `empty`, the rows drawn as `dropped` are conditioned on the empty prompt instead."""
+        """The training loss of one micro-batch: the denoising loss, plus `anchor` x the drift from the start."""
+        return self.loss_terms(moments, text, draws, empty)["loss"]
+
+    def loss_terms(self, moments: torch.Tensor, text: torch.Tensor, draws: dict[str, torch.Tensor] | torch.Generator,
+                   empty: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`denoise`: the mean squared error of the UNet's noise (or velocity) prediction on one micro-batch, with
+        that micro-batch's `draws` (CPU tensors, one row per image: the same draws on any device; a generator:
+        drawn from it here); with `empty`, the rows drawn as `dropped` are conditioned on the empty prompt instead.
+        `drift` (with an anchor): the mean squared difference from the starting UNet's prediction. `loss`: what is
+        backpropagated (the metrics report `denoise` as train/loss, comparable with and without an anchor)."""
         policy, scheduler = self.policy, self.noise_scheduler
         if isinstance(draws, torch.Generator):
             draws = self.draw(draws, len(moments), (moments.shape[1] // 2, *moments.shape[2:]), empty is not None)
@@ -120,7 +138,26 @@ class DiffusionFineTuner(FineTuner):
             target = noise
         with policy.autocast():
             prediction = self.trainer.model(noisy.to(policy.dtype), timesteps, text).sample
-        return F.mse_loss(prediction.float(), target.float())
+        denoise = F.mse_loss(prediction.float(), target.float())
+        if not self.config.anchor:
+            return {"loss": denoise, "denoise": denoise}
+        start = self.start_prediction(noisy.to(policy.dtype), timesteps, text)
+        drift = F.mse_loss(prediction.float(), start.float())
+        return {"loss": denoise + self.config.anchor * drift, "denoise": denoise, "drift": drift}
+
+    @torch.no_grad()
+    def start_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The starting model's prediction: the frozen start UNet, or this UNet with its LoRA adapter switched off
+        (the unwrapped module, outside the data-parallel wrapper: no gradient and no synchronisation)."""
+        with self.policy.autocast():
+            if self.start_unet is not None:
+                return self.start_unet(noisy, timesteps, text).sample
+            unet = self.trainer.unwrapped()
+            unet.disable_adapters()
+            try:
+                return unet(noisy, timesteps, text).sample
+            finally:
+                unet.enable_adapters()
 
     def finetune(self, selected: list[Sample], seed: int) -> dict[str, float]:
         config, policy = self.config, self.policy
@@ -146,11 +183,15 @@ class DiffusionFineTuner(FineTuner):
         def loss_of(positions, step, draws):
             index = torch.tensor([step[p] for p in positions])
             mine = {key: torch.stack([draws[p][key] for p in positions]) for key in draws[positions[0]]}
-            loss = self.loss(moments[index], texts[index], mine, empty)
-            return loss * len(index) / len(step), {"train/loss": loss.item() * len(index) / len(step)}
+            terms = self.loss_terms(moments[index], texts[index], mine, empty)
+            share = len(index) / len(step)
+            metrics = {"train/loss": terms["denoise"].item() * share}
+            if "drift" in terms:
+                metrics["train/drift_from_start"] = terms["drift"].item() * share
+            return terms["loss"] * share, metrics
 
         policy.unet.train()
-        losses = []
+        losses, drifts = [], []
         for step in tqdm(steps, desc=f"fine-tuning on {len(selected)}", disable=not self.progress, leave=False):
             # Every process draws the whole step's randomness as one process would (micro-batch by micro-batch)
             # and trains its share of the images with their own draws: the data-parallel step sums to the
@@ -168,9 +209,14 @@ class DiffusionFineTuner(FineTuner):
                 chunks = [mine[j : j + size] for j in range(0, len(mine), size)]
             metrics = trainer.accumulate(chunks, lambda chunk: loss_of(chunk, step, draws), [0])
             trainer.step()
-            losses.append(trainer.reduce(metrics, ["train/loss"])["train/loss"])
+            reduced = trainer.reduce(metrics, ["train/loss"] + (["train/drift_from_start"] if config.anchor else []))
+            losses.append(reduced["train/loss"])
+            drifts.append(reduced.get("train/drift_from_start", math.nan))
         policy.unet.eval()
-        return {"train/loss": sum(losses) / len(losses) if losses else math.nan, "train/steps": len(steps)}
+        result = {"train/loss": sum(losses) / len(losses) if losses else math.nan, "train/steps": len(steps)}
+        if config.anchor:  # how far the predictions moved from the start's, on the kept images: the run's drift
+            result["train/drift_from_start"] = sum(drifts) / len(drifts) if drifts else math.nan
+        return result
 
     def save_checkpoint(self, directory: Path | None) -> None:
         self.trainer.model_state()  # collective under sharded training: every process takes part

@@ -180,6 +180,20 @@ def load_unet_checkpoint(checkpoint: Path):
     return UNet2DConditionModel.from_pretrained(checkpoint / "unet", **dtype_argument(torch.float32))
 
 
+def load_start_unet(config: DiffusionModelConfig, device: torch.device) -> torch.nn.Module:
+    """The base pipeline's UNet, frozen: the start that finetune.anchor pulls a whole-UNet run toward (on resume
+    too, the policy's own UNet being the checkpoint's by then)."""
+    from diffusers import UNet2DConditionModel
+
+    source = resolve_source(config.name_or_path)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=config.revision,
+                                                    variant=config.variant, **dtype_argument(getattr(torch, config.dtype)))
+    except (OSError, ValueError) as error:
+        raise RaftError(f"model.name_or_path: cannot load the UNet of '{config.name_or_path}': {_first_line(error)}") from None
+    return unet.requires_grad_(False).eval().to(device)
+
+
 def save_policy(policy: DiffusionPolicy, directory: Path) -> None:
     """A LoRA adapter in the diffusers format (load_lora_weights reads it), or the full UNet."""
     if policy.lora:
