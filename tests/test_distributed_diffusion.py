@@ -29,7 +29,9 @@ def test_two_processes_train_diffusion_like_one(tiny_sd_dir, tiny_clip_dir, tmp_
                 # the image defences: CLIP-embedding diversity in selection (two kept per prompt, so it can refuse)
                 # and the diversity guard
                 "selection.keep_per_prompt=2", "selection.diversity.max_similarity=0.999",
-                "guard.min_diversity_ratio=0.01"]
+                "guard.min_diversity_ratio=0.01",
+                # the anchor's start prediction runs on the unwrapped UNet, adapter off, outside the DDP wrapper
+                "finetune.anchor=1.0"]
     one, two = tmp_path / "one", tmp_path / "two"
     raft_run([*tiny_diffusion_overrides(tiny_sd_dir, tiny_clip_dir, one), *settings], processes=1)
     # two processes: the first iteration, then a resumed run for the second
