@@ -53,3 +53,29 @@ def test_tokenizer_keeps_every_word_whole(tmp_path):
     assert len(ids) == 2 + 10  # start, ten words, end
     assert tokenizer.convert_ids_to_tokens(ids[1:-1])[2] == "triangle</w>"
     assert (tmp_path / "tok" / "vocab.json").is_file() and (tmp_path / "tok" / "merges.txt").is_file()
+
+
+def test_the_rule_check_passes_every_true_image_and_fails_wrong_captions_and_colour_fields():
+    """world.check, the rule-based judge of benchmarks/diffusion_composition.py: every drawn image passes against
+    its own caption; against each of its hard negatives (wrong colour, shape, relation, swapped objects or binding)
+    it fails; a frame filled with the caption's colours, which a learned judge may score high, fails too."""
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    scenes = [world.random_scene(rng, 1.0) for _ in range(150)] + [world.random_scene(rng, 0.0) for _ in range(50)]
+    negatives = failed = 0
+    for scene in scenes:
+        image = world.draw(scene, rng)
+        result = world.check(image, scene.caption)
+        assert result.exact, (scene.caption, result.found)
+        for negative in world.hard_negatives(scene, rng):
+            negatives += 1
+            failed += not world.check(image, negative).exact
+    assert failed == negatives
+    scene = world.parse("a red circle above a blue square")
+    field = np.zeros((32, 32, 3), np.uint8)
+    field[:16], field[16:] = world.COLORS["red"], world.COLORS["blue"]
+    result = world.check(Image.fromarray(field), scene.caption)
+    assert {(f.color, f.shape) for f in result.found} == {("red", "unknown"), ("blue", "unknown")}
+    assert not result.exact
+    assert world.check(Image.new("RGB", (32, 32)), scene.caption).found == ()

@@ -237,3 +237,135 @@ def build_clip_tokenizer(directory: Path, words: list[str] | None = None, max_le
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return CLIPTokenizer.from_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------------------------
+# checking an image against its caption, by rule (GenEval's idea for this world)
+
+
+@dataclass(frozen=True)
+class Found:
+    """One object found in an image: its colour, shape ("unknown" when no outline of the world fits it), size in
+    pixels, centre (x, y), and how well its shape's outline fits it (soft intersection over union, 0-1)."""
+
+    color: str
+    shape: str
+    area: int
+    center: tuple[float, float]
+    fit: float
+
+
+@dataclass(frozen=True)
+class Check:
+    """What an image shows against its caption. `exact`: exactly the caption's objects (colour and shape), nothing
+    else, in the caption's relation."""
+
+    found: tuple[Found, ...]
+    count: bool  # as many objects as the caption names
+    objects: bool  # each named object is there, colour and shape, as a separate object
+    relation: bool  # and they stand in the named relation (True for one-object captions once found)
+
+    @property
+    def exact(self) -> bool:
+        return self.count and self.objects and self.relation
+
+
+MIN_AREA = 10  # pixels: smaller specks of one colour are not objects
+MIN_COVER = 0.4  # a pixel belongs to a colour's object if it holds at least this much of it over black
+MAX_RESIDUAL = 60.0  # RGB distance from cover x colour beyond which a pixel is no colour of the world
+MIN_FIT = 0.7  # a region no outline fits this well is no shape of the world (drawn ones fit 0.87-1.0)
+
+
+def coverage(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(colour index per pixel, -1 for background; how much of that colour the pixel holds, 0-1): each pixel is
+    read as c x colour over black, as the world draws anti-aliased edges, with the colour that fits best."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    palette = np.array(list(COLORS.values()), dtype=np.float32)
+    cover = np.clip((pixels @ palette.T) / (palette**2).sum(-1), 0.0, 1.0)  # least squares c per colour
+    residual = np.linalg.norm(pixels[:, :, None, :] - cover[..., None] * palette[None, None], axis=-1)
+    best = residual.argmin(-1)
+    amount = np.take_along_axis(cover, best[..., None], -1)[..., 0]
+    label = np.where((amount >= MIN_COVER) & (residual.min(-1) <= MAX_RESIDUAL), best, -1)
+    return label, np.where(label >= 0, amount, 0.0)
+
+
+def shape_template(shape: str, center: tuple[float, float], area: float, size: int) -> np.ndarray:
+    """How much of each pixel a `shape` of `area` pixels centred (centroid) at `center` covers, drawn as draw()
+    draws it."""
+    if shape == "circle":
+        extent = 2 * np.sqrt(area / np.pi)
+    elif shape == "square":
+        extent = np.sqrt(area) / 0.9
+    else:  # triangle: base 2.2 h, height 1.85 h (h = extent / 2), centroid 0.2333 h below the drawn centre
+        extent = 2 * np.sqrt(area / 2.035)
+    x, y = center
+    if shape == "triangle":
+        y -= 0.2333 * extent / 2
+    canvas = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
+    pen = ImageDraw.Draw(canvas)
+    h = extent * SUPERSAMPLE / 2
+    cx, cy = (x + 0.5) * SUPERSAMPLE, (y + 0.5) * SUPERSAMPLE  # pixel i spans [i, i + 1)
+    if shape == "circle":
+        pen.ellipse([cx - h, cy - h, cx + h, cy + h], fill=255)
+    elif shape == "square":
+        h *= 0.9
+        pen.rectangle([cx - h, cy - h, cx + h, cy + h], fill=255)
+    else:
+        pen.polygon([(cx, cy - h), (cx + h * 1.1, cy + h * 0.85), (cx - h * 1.1, cy + h * 0.85)], fill=255)
+    return np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
+
+
+def find_objects(image: Image.Image) -> list[Found]:
+    """The objects of an image: 4-connected regions of one of the world's colours, at least MIN_AREA pixels each.
+    A region's shape is the one of the world's three whose outline, drawn at the region's centre and area, overlaps
+    its coverage best (soft intersection over union), if that overlap reaches MIN_FIT."""
+    label, amount = coverage(image)
+    names = list(COLORS)
+    height, width = label.shape
+    seen = np.zeros_like(label, dtype=bool)
+    found = []
+    for y0 in range(height):
+        for x0 in range(width):
+            if label[y0, x0] < 0 or seen[y0, x0]:
+                continue
+            color, stack, region = label[y0, x0], [(y0, x0)], []
+            seen[y0, x0] = True
+            while stack:
+                y, x = stack.pop()
+                region.append((y, x))
+                for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                    if 0 <= ny < height and 0 <= nx < width and not seen[ny, nx] and label[ny, nx] == color:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+            if len(region) < MIN_AREA:
+                continue
+            ys, xs = np.array(region).T
+            mine = np.zeros((height, width), dtype=np.float32)
+            mine[ys, xs] = amount[ys, xs]
+            area = float(mine.sum())
+            center = (float((mine.sum(0) * np.arange(width)).sum() / area), float((mine.sum(1) * np.arange(height)).sum() / area))
+            fits = {shape: np.minimum(mine, t).sum() / np.maximum(mine, t).sum()
+                    for shape in SHAPES for t in [shape_template(shape, center, area, width)]}
+            shape = max(fits, key=fits.get)
+            fit = float(fits[shape])
+            found.append(Found(names[color], shape if fit >= MIN_FIT else "unknown", len(region), center, fit))
+    return found
+
+
+def check(image: Image.Image, caption: str) -> Check:
+    """`image` against `caption` (a caption of this world), by the rules of find_objects."""
+    scene = parse(caption)
+    found = find_objects(image)
+    wanted = [scene.first] if scene.relation is None else [scene.first, scene.second]
+    matches = []
+    for thing in wanted:
+        match = next((i for i, f in enumerate(found) if (f.color, f.shape) == (thing.color, thing.shape)
+                      and i not in matches), None)
+        matches.append(match)
+    objects = all(m is not None for m in matches)
+    relation = objects
+    if objects and scene.relation is not None:
+        axis, sign = RELATIONS[scene.relation]
+        first, second = (found[m].center for m in matches)
+        relation = sign * (first[axis] - second[axis]) > 1.0
+    return Check(tuple(found), len(found) == len(wanted), objects, relation)
