@@ -79,3 +79,12 @@ def test_the_rule_check_passes_every_true_image_and_fails_wrong_captions_and_col
     assert {(f.color, f.shape) for f in result.found} == {("red", "unknown"), ("blue", "unknown")}
     assert not result.exact
     assert world.check(Image.new("RGB", (32, 32)), scene.caption).found == ()
+
+
+def test_composition_reward_is_one_for_the_caption_and_less_the_more_is_wrong():
+    scene = world.parse("a red circle above a blue square")
+    image = world.draw(scene, np.random.default_rng(0))
+    captions = [scene.caption, "a blue square above a red circle", "a red square above a blue square",
+                "a green triangle above a yellow circle", "a red circle"]
+    right, relation, shape, nothing, single = world.composition_reward(captions, [image] * len(captions))
+    assert right == 1.0 and 1.0 > relation > shape > nothing >= 0.0 and 0.0 < single < 1.0

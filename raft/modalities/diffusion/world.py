@@ -369,3 +369,21 @@ def check(image: Image.Image, caption: str) -> Check:
         first, second = (found[m].center for m in matches)
         relation = sign * (first[axis] - second[axis]) > 1.0
     return Check(tuple(found), len(found) == len(wanted), objects, relation)
+
+
+def composition_reward(prompts: list[str], images: list[Image.Image]) -> list[float]:
+    """A verifiable reward for the shapes world, by world.check: 1 for an exact image; otherwise partial credit, so
+    that best-of-K has something to rank when exact images are rare: per named object 0.25 (0.1 if only its
+    colour is some object's), 0.25 for as many objects as named, 0.25 for the relation once the objects are there,
+    over the most those parts give (1 for two-object captions).
+    Use it as a callable ranker: `rankers: [{kind: callable, function: raft.modalities.diffusion.world:composition_reward}]`."""
+    scores = []
+    for prompt, image in zip(prompts, images):
+        scene, result = parse(prompt), check(image, prompt)
+        wanted = [scene.first] if scene.relation is None else [scene.first, scene.second]
+        things = {(f.color, f.shape) for f in result.found}
+        colours = {f.color for f in result.found}
+        score = sum(0.25 if (t.color, t.shape) in things else 0.1 if t.color in colours else 0.0 for t in wanted)
+        score += 0.25 * result.count + 0.25 * (result.objects and result.relation)
+        scores.append(1.0 if result.exact else score / (0.25 * len(wanted) + 0.5))  # all parts right: 1
+    return scores
