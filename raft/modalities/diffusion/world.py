@@ -272,21 +272,23 @@ class Check:
 
 MIN_AREA = 10  # pixels: smaller specks of one colour are not objects
 MIN_COVER = 0.4  # a pixel belongs to a colour's object if it holds at least this much of it over black
-MAX_RESIDUAL = 60.0  # RGB distance from cover x colour beyond which a pixel is no colour of the world
+MAX_ANGLE = 0.22  # and lies this close to that colour's direction in RGB (distance off it over its own length)
 MIN_FIT = 0.7  # a region no outline fits this well is no shape of the world (drawn ones fit 0.87-1.0)
 
 
 def coverage(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     """(colour index per pixel, -1 for background; how much of that colour the pixel holds, 0-1): each pixel is
-    read as c x colour over black, as the world draws anti-aliased edges, with the colour that fits best."""
+    read as c x colour over black, as the world draws anti-aliased edges, with the colour whose direction in RGB
+    it is closest to (so a generated colour a little brighter, darker or paler than the world's still counts)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     palette = np.array(list(COLORS.values()), dtype=np.float32)
-    cover = np.clip((pixels @ palette.T) / (palette**2).sum(-1), 0.0, 1.0)  # least squares c per colour
-    residual = np.linalg.norm(pixels[:, :, None, :] - cover[..., None] * palette[None, None], axis=-1)
-    best = residual.argmin(-1)
+    cover = (pixels @ palette.T) / (palette**2).sum(-1)  # least squares c per colour
+    off = np.linalg.norm(pixels[:, :, None, :] - cover[..., None] * palette[None, None], axis=-1)
+    off = off / np.maximum(np.linalg.norm(pixels, axis=-1, keepdims=True), 1.0)
+    best = off.argmin(-1)
     amount = np.take_along_axis(cover, best[..., None], -1)[..., 0]
-    label = np.where((amount >= MIN_COVER) & (residual.min(-1) <= MAX_RESIDUAL), best, -1)
-    return label, np.where(label >= 0, amount, 0.0)
+    label = np.where((amount >= MIN_COVER) & (off.min(-1) <= MAX_ANGLE), best, -1)
+    return label, np.where(label >= 0, np.minimum(amount, 1.0), 0.0)
 
 
 def shape_template(shape: str, center: tuple[float, float], area: float, size: int) -> np.ndarray:
