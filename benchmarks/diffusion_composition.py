@@ -1,7 +1,8 @@
 """Do a shapes-world run's held-out images show what their captions say? Checks every held-out image of every
 iteration by rule (raft.modalities.diffusion.world.check, GenEval's idea for this world: find the objects by colour,
 their shapes by outline, their relation by position) and prints, per iteration, the CLIP reward the run measured
-beside the share of images that pass each check.
+(its reward, and the CLIP score where the CLIP judge is one of several rankers) beside the share of images that
+pass each check.
 
     .venv/bin/python benchmarks/diffusion_composition.py RUN_DIR [RUN_DIR ...]
 
@@ -32,12 +33,14 @@ def check_iteration(folder: Path) -> dict[str, float] | None:
     if not path.is_file():
         return None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    totals = {"reward": 0.0, "colours": 0, "objects": 0, "exact": 0}
+    totals = {"reward": 0.0, "clip": 0.0, "colours": 0, "objects": 0, "exact": 0}
     for record in records:
         scene = world.parse(record["prompt"])
         result = world.check(Image.open(folder / record["output"]), record["prompt"])
         named = {scene.first.color} | ({scene.second.color} if scene.second else set())
         totals["reward"] += record["reward"]
+        # the CLIP ranker's part of an ensemble's reward (the default's one ranker: the reward itself)
+        totals["clip"] += (record.get("rewards") or {}).get("clip_score", record["reward"])
         totals["colours"] += named <= {f.color for f in result.found}
         totals["objects"] += result.objects
         totals["exact"] += result.exact
@@ -53,11 +56,11 @@ def main(argv=None) -> int:
         if not folders:
             print(f"{run_dir}: no iterations/iter-* folders: not a raft run directory", file=sys.stderr)
             return 1
-        print(f"{run_dir}\n  iteration  images  CLIP reward  colours  objects  exact")
+        print(f"{run_dir}\n  iteration  images   reward  CLIP score  colours  objects  exact")
         for folder in folders:
             row = check_iteration(folder)
             if row is not None:
-                print(f"  {int(folder.name.split('-')[1]):9d}  {row['images']:6d}  {row['reward']:11.2f}  "
+                print(f"  {int(folder.name.split('-')[1]):9d}  {row['images']:6d}  {row['reward']:7.3f}  {row['clip']:10.2f}  "
                       f"{row['colours']:7.1%}  {row['objects']:7.1%}  {row['exact']:5.1%}")
     return 0
 

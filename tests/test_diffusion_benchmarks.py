@@ -59,3 +59,28 @@ def test_seed_spread_reuses_given_start_means(tiny_sd_dir, tiny_clip_dir, tmp_pa
     assert "start policy" not in out and len(report["end_seed_means"]) == 2
     with pytest.raises(SystemExit):  # one mean per seed
         bench.main([str(tmp_path / "run"), "--seeds", "2", "--start-means", "11.5"])
+
+
+def test_composition_benchmark_checks_each_held_out_image_by_rule(tmp_path, capsys):
+    """Two iterations of a run directory's held-out images: drawn by the world (they pass) or black (they fail)."""
+    import json
+
+    from raft.modalities.diffusion import world
+
+    rng = np.random.default_rng(0)
+    captions = ["a red circle above a blue square", "a green triangle to the left of a white circle"]
+    for iteration, drawn in ((0, 1), (1, 2)):
+        folder = tmp_path / "iterations" / f"iter-{iteration:04d}"
+        (folder / "images").mkdir(parents=True)
+        lines = []
+        for n, caption in enumerate(captions):
+            image = world.draw(world.parse(caption), rng) if n < drawn else Image.new("RGB", (32, 32))
+            image.save(folder / "images" / f"eval-{n}.png")
+            lines.append(json.dumps({"prompt": caption, "output": f"images/eval-{n}.png", "reward": 50.0 + n,
+                                     "rewards": None}))
+        (folder / "eval_samples.jsonl").write_text("\n".join(lines) + "\n")
+    assert load_benchmark("diffusion_composition").main([str(tmp_path)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == [["0", "2", "50.500", "50.50", "50.0%", "50.0%", "50.0%"],
+                    ["1", "2", "50.500", "50.50", "100.0%", "100.0%", "100.0%"]]
+    assert load_benchmark("diffusion_composition").main([str(tmp_path / "absent")]) == 1
