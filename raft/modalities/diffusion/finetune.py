@@ -191,7 +191,9 @@ class DiffusionFineTuner(FineTuner):
             return terms["loss"] * share, metrics
 
         policy.unet.train()
-        losses, drifts = [], []
+        # the drift from the start, with an anchor: how far the predictions moved on the kept images
+        keys = ["train/loss"] + (["train/drift_from_start"] if config.anchor else [])
+        sums = dict.fromkeys(keys, 0.0)
         for step in tqdm(steps, desc=f"fine-tuning on {len(selected)}", disable=not self.progress, leave=False):
             # Every process draws the whole step's randomness as one process would (micro-batch by micro-batch)
             # and trains its share of the images with their own draws: the data-parallel step sums to the
@@ -209,14 +211,12 @@ class DiffusionFineTuner(FineTuner):
                 chunks = [mine[j : j + size] for j in range(0, len(mine), size)]
             metrics = trainer.accumulate(chunks, lambda chunk: loss_of(chunk, step, draws), [0])
             trainer.step()
-            reduced = trainer.reduce(metrics, ["train/loss"] + (["train/drift_from_start"] if config.anchor else []))
-            losses.append(reduced["train/loss"])
-            drifts.append(reduced.get("train/drift_from_start", math.nan))
+            reduced = trainer.reduce(metrics, keys)
+            for key in keys:
+                sums[key] += reduced[key]
         policy.unet.eval()
-        result = {"train/loss": sum(losses) / len(losses) if losses else math.nan, "train/steps": len(steps)}
-        if config.anchor:  # how far the predictions moved from the start's, on the kept images: the run's drift
-            result["train/drift_from_start"] = sum(drifts) / len(drifts) if drifts else math.nan
-        return result
+        return {**{key: total / len(steps) if steps else math.nan for key, total in sums.items()},
+                "train/steps": len(steps)}
 
     def save_checkpoint(self, directory: Path | None) -> None:
         self.trainer.model_state()  # collective under sharded training: every process takes part

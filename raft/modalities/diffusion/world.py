@@ -130,10 +130,11 @@ def draw(scene: Scene, rng: np.random.Generator, size: int = SIZE) -> Image.Imag
     return canvas.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def _shape(pen: ImageDraw.ImageDraw, thing: Thing, center: np.ndarray, extent: float) -> None:
+def _shape(pen: ImageDraw.ImageDraw, thing: Thing, center: np.ndarray, extent: float, fill=None) -> None:
+    """`thing` at `center` (pixels) on a SUPERSAMPLE x canvas, in its colour or in `fill`."""
     x, y = center * SUPERSAMPLE
     h = extent * SUPERSAMPLE / 2
-    color = COLORS[thing.color]
+    color = COLORS[thing.color] if fill is None else fill
     if thing.shape == "circle":
         pen.ellipse([x - h, y - h, x + h, y + h], fill=color)
     elif thing.shape == "square":
@@ -304,16 +305,8 @@ def shape_template(shape: str, center: tuple[float, float], area: float, size: i
     if shape == "triangle":
         y -= 0.2333 * extent / 2
     canvas = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
-    pen = ImageDraw.Draw(canvas)
-    h = extent * SUPERSAMPLE / 2
-    cx, cy = (x + 0.5) * SUPERSAMPLE, (y + 0.5) * SUPERSAMPLE  # pixel i spans [i, i + 1)
-    if shape == "circle":
-        pen.ellipse([cx - h, cy - h, cx + h, cy + h], fill=255)
-    elif shape == "square":
-        h *= 0.9
-        pen.rectangle([cx - h, cy - h, cx + h, cy + h], fill=255)
-    else:
-        pen.polygon([(cx, cy - h), (cx + h * 1.1, cy + h * 0.85), (cx - h * 1.1, cy + h * 0.85)], fill=255)
+    # the world's own pen; pixel i spans [i, i + 1), so a centroid at pixel x is a drawn centre at x + 0.5
+    _shape(ImageDraw.Draw(canvas), Thing("white", shape), np.array([x + 0.5, y + 0.5]), extent, fill=255)
     return np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
