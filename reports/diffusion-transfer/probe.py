@@ -52,6 +52,9 @@ p.add_argument("--ema", type=float, default=0.0,
 p.add_argument("--guided-loss", type=float, default=0.0,
                help="fit the classifier-free-guided prediction uncond + w (cond - uncond) to the kept images with this w "
                     "(DDPO's policy is the guided sampler's), gradients through both branches")
+p.add_argument("--guided-detach", action="store_true",
+               help="with --guided-loss: no gradient through the unconditional branch, so only the conditional "
+                    "prediction moves, toward the target that makes the guided prediction fit the kept images")
 p.add_argument("overrides", nargs="*")
 a = p.parse_args()
 t0 = time.time()
@@ -111,19 +114,19 @@ if a.train_text:
             tk = self.policy.pipeline.tokenizer
             tok = tk([s.prompt for s in selected], padding="max_length", max_length=tk.model_max_length, truncation=True, return_tensors="pt").input_ids
             return moments, tok
-        def loss(self, moments, tok, generator, empty=None):
+        def loss_terms(self, moments, tok, generator, empty=None):
             te = self.policy.pipeline.text_encoder
             text = te(tok.to(self.policy.device))[0]
             if empty is not None:  # the unconditional embedding moves with the text encoder
                 tk = self.policy.pipeline.tokenizer
                 empty = te(tk([""], padding="max_length", max_length=tk.model_max_length, return_tensors="pt").input_ids)[0]
-            return super().loss(moments, text, generator, empty)
+            return super().loss_terms(moments, text, generator, empty)
     parts.finetuner = TE(policy, config.finetune, None)
 if a.x0_weight:
     import torch.nn.functional as F
     from raft.modalities.diffusion.finetune import DiffusionFineTuner
     class X0(type(parts.finetuner)):
-        def loss(self, moments, text, generator, empty=None):
+        def loss_terms(self, moments, text, generator, empty=None):
             policy, scheduler = self.policy, self.noise_scheduler
             vae_config = policy.pipeline.vae.config
             mean, logvar = moments.chunk(2, dim=1)
@@ -136,12 +139,13 @@ if a.x0_weight:
             w = ((1 - abar) / abar).clamp(max=a.x0_weight)
             prediction = self.trainer.model(noisy, t, text).sample
             per = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-            return (w * per).sum() / w.sum()
+            loss = (w * per).sum() / w.sum()
+            return {"loss": loss, "denoise": loss}
     parts.finetuner = X0(parts.finetuner.policy, config.finetune, None)
 if a.guided_loss:
     import torch.nn.functional as F
     class Guided(type(parts.finetuner)):
-        def loss(self, moments, text, generator, empty=None):
+        def loss_terms(self, moments, text, generator, empty=None):
             policy, scheduler = self.policy, self.noise_scheduler
             unconditional_text = policy.encode_prompts([""]).expand_as(text)
             mean, logvar = moments.chunk(2, dim=1)
@@ -153,7 +157,10 @@ if a.guided_loss:
             both = self.trainer.model(torch.cat([noisy, noisy]), torch.cat([t, t]),
                                       torch.cat([unconditional_text, text])).sample.float()
             unconditional, conditional = both.chunk(2)
-            return F.mse_loss(unconditional + a.guided_loss * (conditional - unconditional), noise)
+            if a.guided_detach:
+                unconditional = unconditional.detach()
+            loss = F.mse_loss(unconditional + a.guided_loss * (conditional - unconditional), noise)
+            return {"loss": loss, "denoise": loss}
     parts.finetuner = Guided(parts.finetuner.policy, config.finetune, None)
 res = {"tag": a.tag, "overrides": a.overrides, "kept": len(kept), "kept_mean": sum(s.reward for s in kept) / len(kept)}
 if a.base:
