@@ -21,11 +21,10 @@ sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO / "scripts"))
 import raft
 from raft.modalities import get_modality
 from raft.modalities.diffusion import world, data as ddata
-from raft.interface import Sample
 from raft.rankers import score_samples
 from train_offline_diffusion import encode_pool, tokenize, noise_schedulers
 ap = argparse.ArgumentParser()
-ap.add_argument("--pair-share", type=float, default=1.0)   # 1: only training pair prompts; else mix with singles
+ap.add_argument("--pair-share", type=float, default=1.0, help="true: share of training pair captions (the rest: single objects)")
 ap.add_argument("--lr", type=float, default=1e-4)
 ap.add_argument("--steps", type=int, default=1500)
 ap.add_argument("--eval-at", default="0,250,500,1000,1500")
@@ -65,6 +64,7 @@ else:
         print("pool", len(pool), round(time.time() - t0), flush=True)
     groups = {}
     for i, q, im, c, r in pool:
+        # own-rule ranks by the rule reward, ties broken by the CLIP score
         groups.setdefault(i, []).append((c if a.source == "own-clip" else r + 1e-3 * c, q, im, c, r))
     kept = [x for g in groups.values() for x in (g if a.source == "own-all" else [x for x in g if x[4] >= 1.0] if a.source == "own-exact" else sorted(g, key=lambda x: -x[0])[: a.keep])]
     caps = [x[1] for x in kept]
@@ -77,7 +77,6 @@ vocab = sorted(set(caps) | {""}); idx = {c: i for i, c in enumerate(vocab)}
 tokens = tokenize(pipe.tokenizer, vocab); labels = torch.tensor([idx[c] for c in caps]); empty = idx[""]
 models = torch.nn.ModuleDict({"unet": copy.deepcopy(pipe.unet), "text_encoder": copy.deepcopy(pipe.text_encoder)}).float()
 ema = torch.nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
-if a.unet_only: models["text_encoder"].requires_grad_(False)
 models.train().requires_grad_(True)
 if a.unet_only: models["text_encoder"].requires_grad_(False)
 params = [p for p in models.parameters() if p.requires_grad]
@@ -87,8 +86,7 @@ alphas = noise_schedulers()[0].alphas_cumprod
 g = torch.Generator().manual_seed(0)
 def evaluate(step):
     ema.eval()
-    parts.eval_seed = 4321
-    samples = parts.policy.generate(held, 8, seed=4321) if hasattr(parts, "policy") else None
+    samples = parts.policy.generate(held, 8, seed=4321)  # the pipeline samples with the EMA weights
     score_samples(parts.ranker, samples)
     r = np.array([s.reward for s in samples])
     chk = [world.check(s.output, s.prompt) for s in samples]
