@@ -47,9 +47,9 @@ train_prompts = ddata.load_prompts(config.data).prompts
 held = parts.eval_prompts
 rng = np.random.default_rng(11)
 singles = [s.caption for s in world.single_scenes()]
-caps = [train_prompts[rng.integers(len(train_prompts))] if rng.random() < a.pair_share else singles[rng.integers(len(singles))]
-        for _ in range(a.pool)]
 if a.source == "true":
+    caps = [train_prompts[rng.integers(len(train_prompts))] if rng.random() < a.pair_share else singles[rng.integers(len(singles))]
+            for _ in range(a.pool)]
     images = world.images_to_array([world.draw(world.parse(c), rng) for c in caps])
 else:
     import pickle, os
