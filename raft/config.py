@@ -320,6 +320,11 @@ class FinetuneConfig:
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step; must divide batch_size.", min=1)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
+    adam_epsilon: float = option(
+        1e-8, "AdamW's epsilon (torch's default), added to the root of each weight's second moment before dividing: a "
+        "weight whose gradients are far below it barely moves; one whose gradients are tiny but above it moves by "
+        "about the learning rate all the same, float rounding in them included. A larger epsilon (1e-6 to 1e-4) damps "
+        "such weights.", above=0)
     carry_optimizer_state: bool = option(
         False, "Keep AdamW moments across iterations (and in checkpoints). Off: a fresh optimizer each iteration.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory during fine-tuning.")

@@ -52,3 +52,28 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch, fast):
     assert trainer.accelerator.mixed_precision == ("bf16" if fast else "no")
     out = trainer.model(torch.randn(2, 4))  # accelerate hands back float32, computed in bf16 under bf16
     assert torch.equal(out, out.bfloat16().float()) == fast
+
+
+@pytest.mark.parametrize("adam_epsilon, expected", [(1e-8, 0.1), (1e-4, 0.1 * 1e-6 / (1e-6 + 1e-4))])
+def test_adam_epsilon_damps_weights_with_tiny_gradients(adam_epsilon, expected):
+    torch.manual_seed(0)
+    module = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        module.weight.zero_()
+    trainer = Trainer(module, TrainerSettings(learning_rate=0.1, adam_epsilon=adam_epsilon))
+    # the loss is linear in the weights: gradient 1 for the first, 1e-6 for the second
+    inputs = torch.tensor([[1.0, 1e-6]])
+    trainer.start()
+    trainer.accumulate([0], lambda _: (trainer.model(inputs).sum(), {}))
+    trainer.step()
+    big, tiny = (-module.weight.detach()[0]).tolist()
+    assert big == pytest.approx(0.1, rel=1e-3)  # a gradient far above either eps: a step of the learning rate
+    assert tiny == pytest.approx(expected, rel=1e-2)  # at eps 1e-8 a gradient of 1e-6 moves as far as one of 1
+
+
+def test_adam_epsilon_bound_is_declared():
+    import raft
+    from raft.errors import RaftError
+
+    with pytest.raises(RaftError, match="finetune.adam_epsilon"):
+        raft.load_config("diffusion", overrides=["finetune.adam_epsilon=0"])

@@ -68,7 +68,8 @@ class DiffusionFineTuner(FineTuner):
             raise RaftError("finetune: the UNet has no trainable parameters (check finetune.lora.target_modules)")
         self.trainer = Trainer(policy.unet, TrainerSettings(config.learning_rate, config.weight_decay,
                                                             config.max_grad_norm, config.carry_optimizer_state,
-                                                            config.mixed_precision, config.warmup_steps),
+                                                            config.mixed_precision, config.warmup_steps,
+                                                            config.adam_epsilon),
                                checkpoint, policy.device)
 
     @property

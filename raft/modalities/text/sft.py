@@ -81,7 +81,7 @@ class TextFineTuner(FineTuner):
     def trainer_settings(self) -> TrainerSettings:
         c = self.config
         return TrainerSettings(c.learning_rate, c.weight_decay, c.max_grad_norm, c.carry_optimizer_state,
-                               c.mixed_precision, c.warmup_steps)
+                               c.mixed_precision, c.warmup_steps, c.adam_epsilon)
 
     @property
     def optimizer(self):
