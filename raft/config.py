@@ -164,6 +164,12 @@ class SelectionConfig:
         None, "Reward floor: required by the threshold strategy, an extra filter for the others (null: none)."
     )
     diversity: DiversityConfig = option(DiversityConfig(), "Diversity-aware selection (off by default in the base config).")
+    replay_iterations: int = option(
+        0, "Kept-set replay: each iteration also fine-tunes on the kept samples of up to this many earlier iterations, "
+        "read back from the run directory, so the training set grows as the loop runs (ReST's growing dataset); the "
+        "fine-tuner's epochs pass over all of it. 0: each iteration trains on its own kept set only; -1: on every "
+        "earlier one. Use it when the kept set of one iteration is small (a strict min_reward keeps few). Not text's "
+        "finetune.replay, which replays reference texts, not kept samples.", min=-1)
 
 
 @dataclass
@@ -420,6 +426,9 @@ class RaftConfig:
                 f"must be between 1 and samples_per_prompt ({self.samples_per_prompt}), got {sel.keep_per_prompt}")
         require(sel.strategy != "threshold" or sel.min_reward is not None, "selection.min_reward",
                 "is required by the threshold strategy")
+        require(sel.replay_iterations == 0 or getattr(self.finetune, "objective", "sft") == "sft",
+                "selection.replay_iterations", "must be 0 unless finetune.objective is sft: RRHF ranks one iteration's "
+                "candidates per prompt, PPO learns from the policy's current samples only")
         require("{prompt}" in self.data.prompt_template, "data.prompt_template", "must contain {prompt}")
         check_generators(self.generators, self.samples_per_prompt, self.sampling_only)
         check_rankers(self.rankers)

@@ -33,6 +33,8 @@ META_WEIGHTS_CHECKSUM = "weights_checksum"  # text, backend vllm: their checksum
 META_PROMPT_TOKENS_CUT = "prompt_tokens_cut"  # text: prompt tokens cut from the left to fit the context
 META_NOT_KEPT = "not_kept"  # why diversity-aware selection passed a candidate over
 META_REWARDS_NORMALIZED = "rewards_normalized"  # per ranker, the score after ranker_aggregation's normalization
+META_KEYS = (META_GENERATOR, META_PROMPT_SENT, META_SETTINGS, META_SEED, META_FINISHED, META_TOKEN_IDS, META_LOGPROB,
+             META_WEIGHTS_VERSION, META_WEIGHTS_CHECKSUM, META_PROMPT_TOKENS_CUT, META_NOT_KEPT, META_REWARDS_NORMALIZED)
 
 
 @dataclass
@@ -141,6 +143,8 @@ class Components:
     eval_seed: int = 0
     # turns a sample's output into JSON-able data; may write files (images) under the given folder
     output_to_record: Callable[[Any, Path, str], Any] = lambda output, folder, key: output
+    # the inverse: a record's output back into a sample's output (selection.replay_iterations reads earlier kept sets)
+    record_to_output: Callable[[Any, Path], Any] = lambda record, folder: record
     # writes an iteration's extra files (an image grid, ...) into its folder, given its samples by file name
     # ("samples", "selected", "eval_samples"; iteration 0 has only "eval_samples")
     write_files: Callable[[Path, dict[str, list[Sample]]], None] = lambda folder, files: None

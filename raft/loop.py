@@ -27,11 +27,11 @@ from raft.config import GUARD_BOUNDS, RaftConfig, dump_yaml, to_dict
 from raft.errors import RaftError
 from raft.finetune import distributed
 from raft.generators.sampling import seed_of
-from raft.interface import META_GENERATOR, META_NOT_KEPT, META_PROMPT_TOKENS_CUT, Components, Sample
+from raft.interface import META_GENERATOR, META_KEYS, META_NOT_KEPT, META_PROMPT_TOKENS_CUT, Components, Sample
 from raft.metrics import best_of_k_kl_bound, mean, plot_metrics, standard_error, train_seconds
 from raft.modalities import get_modality
 from raft.rankers import score_samples
-from raft.rundir import RunDirectory, to_jsonl
+from raft.rundir import RunDirectory, iteration_name, read_jsonl, to_jsonl
 from raft.selection import apply_discard_rules, select
 
 STAGES = ("generate", "rank", "select", "finetune", "evaluate")
@@ -79,8 +79,10 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
         stage("select")
         opening = (lambda s: parts.opening(s, config.selection.diversity.opening_words)) if parts.opening else None
         selected = select(samples, config.selection, parts.features, opening)
+        replayed = on_main(lambda: read_kept(run_dir, parts, iteration, config.selection.replay_iterations))
 
-        train_metrics = parts.finetuner.finetune(selected, seed=stage("finetune")) if selected else {}
+        training_set = replayed + selected
+        train_metrics = parts.finetuner.finetune(training_set, seed=stage("finetune")) if training_set else {}
 
         eval_metrics, eval_samples = {}, []
         last = on_main(lambda: is_last(config, iteration, train_seconds(run_dir.metrics()) + stage.elapsed()))
@@ -99,6 +101,7 @@ def _run(config: RaftConfig, run_dir: RunDirectory) -> Path:
             "reward/all_mean": mean(s.reward for s in samples),
             "reward/selected_mean": mean(s.reward for s in selected),
             "selection/passed_over": sum(1 for s in samples if s.meta.get(META_NOT_KEPT)),
+            **({"selection/replayed": len(replayed)} if config.selection.replay_iterations else {}),
             "samples/prompt_cut": sum(1 for s in samples if s.meta.get(META_PROMPT_TOKENS_CUT)),
             **kl_metrics,
             **({"kl/selected_mean": mean(s.kl for s in selected)} if kl_metrics else {}),
@@ -394,6 +397,28 @@ def best_of_n(parts: Components, n: int, per_shard: int | None = None) -> tuple[
         sample.selected = sample.reward == best[sample.prompt_index]
     return {"eval/best_of_n": n, "eval/best_of_n_reward": mean(best.values()),
             "eval/best_of_n_kl_bound": best_of_k_kl_bound(n)}, samples
+
+
+def read_kept(run_dir: RunDirectory, parts: Components, iteration: int, replay_iterations: int) -> list[Sample]:
+    """The kept samples of the `replay_iterations` iterations before `iteration` (-1: all of them), read back from
+    their selected.jsonl: the same for a resumed run as for an uninterrupted one."""
+    if replay_iterations == 0:
+        return []
+    first = 1 if replay_iterations < 0 else max(1, iteration - replay_iterations)
+    kept = []
+    for earlier in range(first, iteration):
+        folder = run_dir.path / "iterations" / iteration_name(earlier)
+        path = folder / "selected.jsonl"
+        if not path.is_file():
+            raise RaftError(f"selection.replay_iterations: iteration {earlier}'s kept set '{path}' is missing")
+        for row in read_jsonl(path, require=("prompt_index", "prompt", "output", "reward"), what="kept set "):
+            kept.append(Sample(
+                prompt_index=row["prompt_index"], prompt=row["prompt"],
+                output=parts.record_to_output(row["output"], folder),
+                meta={key: row[key] for key in META_KEYS if key in row},
+                reward=row["reward"], rewards=row.get("rewards") or {}, selected=True,
+                kl=row.get("kl", math.nan), score=row.get("score")))
+    return kept
 
 
 def draw_prompts(pool: list[str], count: int, seed: int, iteration: int) -> list[str]:

@@ -135,3 +135,28 @@ def test_a_config_file_names_its_modality():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "modality: diffusion" in result.stdout and "resolution: 256" in result.stdout
+
+
+def test_kept_image_replay_resumes_exactly(tiny_sd_dir, tiny_clip_dir, tmp_path):
+    """selection.replay_iterations reads the earlier kept images back from their PNG files: the fine-tuning set
+    grows each iteration, and a run killed while fine-tuning on it resumes to the uninterrupted run's result."""
+    runs = {}
+    for name, env in (("uninterrupted", None), ("killed", {"RAFT_KILL_AT": "3:finetune"})):
+        run_dir = tmp_path / name
+        overrides = [*tiny_diffusion_overrides(tiny_sd_dir, tiny_clip_dir, run_dir), "iterations=3",
+                     "selection.replay_iterations=-1"]
+        result = raft_run(*overrides, env=env)
+        if env:
+            assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+            result = raft_run("--resume", str(run_dir))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = run_dir
+    metrics = [json.loads(line) for line in (runs["uninterrupted"] / "metrics.jsonl").read_text().splitlines()]
+    kept = [m.get("selected") for m in metrics]
+    assert [m.get("selection/replayed") for m in metrics] == [None, 0, kept[1], kept[1] + kept[2]]
+    # every kept image is trained on: the steps per iteration follow the growing set (tiny overrides: 2 epochs of
+    # batches of 2)
+    epochs, batch = 2, 2
+    assert [m["train/steps"] for m in metrics[1:]] == [epochs * -(-sum(kept[1:i + 1]) // batch) for i in (1, 2, 3)]
+    got, expected = outcome(runs["killed"]), outcome(runs["uninterrupted"])
+    assert got[0] == expected[0] and got[1] == expected[1] and got[2] == expected[2]

@@ -202,3 +202,41 @@ def test_the_plot_leaves_out_timings_flat_metrics_and_best_of_n_panels():
             {"iteration": 2, "samples": 8, "train/loss": 1.5, "kl/beta": 0.03, "eval/reward_mean": 0.4}]
     assert plotted_metrics(rows) == ["eval/reward_mean", "train/loss", "kl/beta"]  # samples never changed
     assert plotted_metrics(rows[:1]) == ["eval/reward_mean"]  # one row: nothing is flat yet
+
+
+def test_kept_set_replay_trains_on_earlier_kept_samples_as_recorded(tiny_model_dir, prompt_file, tmp_path,
+                                                                     monkeypatch):
+    from raft.interface import META_TOKEN_IDS
+    from raft.modalities.text.sft import TextFineTuner
+
+    seen = []
+    finetune = TextFineTuner.finetune
+
+    def spy(self, selected, seed):
+        seen.append([(s.prompt, s.output, tuple(s.meta[META_TOKEN_IDS]), s.reward) for s in selected])
+        return finetune(self, selected, seed)
+
+    monkeypatch.setattr(TextFineTuner, "finetune", spy)
+    overrides = [*tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run"), "iterations=3",
+                 "selection.replay_iterations=1"]
+    run_dir = raft.run(raft.load_config("text", overrides=overrides))
+
+    def kept(iteration):
+        path = run_dir / "iterations" / f"iter-{iteration:04d}" / "selected.jsonl"
+        return [(r["prompt"], r["output"], tuple(r["token_ids"]), r["reward"])
+                for r in map(json.loads, path.read_text().splitlines())]
+
+    assert len(kept(1)) == len(kept(2)) == len(kept(3)) == 3
+    # each iteration trains on the one before's kept samples (tokens as sampled), then its own; one back only
+    assert seen == [kept(1), kept(1) + kept(2), kept(2) + kept(3)]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("selection/replayed") for m in metrics] == [None, 0, 3, 3]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["finetune.objective=rrhf", "selection.strategy=all"], "selection.replay_iterations"),
+    (["selection.replay_iterations=-2"], "selection.replay_iterations"),
+])
+def test_kept_set_replay_is_refused_where_it_means_nothing(extra, expected):
+    with pytest.raises(ConfigError, match=expected):
+        raft.load_config("text", overrides=["selection.replay_iterations=2", *extra])

@@ -30,6 +30,8 @@ VARIANTS = {
     "full": [],
     "lora+carried-optimizer": ["finetune.lora.enabled=true", "finetune.lora.r=4", "finetune.carry_optimizer_state=true"],
     "rrhf": ["finetune.objective=rrhf", "selection.strategy=all"],
+    # each iteration also trains on every earlier kept set, read back from the run directory
+    "kept-replay": ["selection.replay_iterations=-1"],
     # PPO in the loop: value head, optimizer and adapted kl_coef carry over in the checkpoint
     "ppo+lora": ["finetune.objective=ppo", "finetune.lora.enabled=true", "finetune.lora.r=4", "ppo.adaptive_kl=true",
                  "ppo.learning_rate=1e-3"],
@@ -57,6 +59,7 @@ def uninterrupted(tiny_model_dir, prompt_file, tmp_path_factory):
     ("lora+carried-optimizer", "2:finetune"),
     ("lora+carried-optimizer", "3:commit"),
     ("rrhf", "2:finetune"),
+    ("kept-replay", "3:finetune"),
     ("ppo+lora", "2:finetune"),
     ("ppo+lora", "3:commit"),
 ])

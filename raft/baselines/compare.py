@@ -165,6 +165,7 @@ def method_settings(shared: dict, method: str, run_dir: Path, seed: int | None =
     if method == "rrhf":  # every scored candidate goes to the ranking loss
         data["finetune"]["objective"] = "rrhf"
         data["selection"]["strategy"] = "all"
+        data["selection"]["replay_iterations"] = 0  # it ranks one iteration's candidates of each prompt
     else:  # PPO and best-of-K ignore it, but a shared rrhf would fail their validation with local selection
         data["finetune"]["objective"] = "sft"
     return data

@@ -81,6 +81,7 @@ class DiffusionModality(Modality):
             eval_samples_per_prompt=config.eval.samples_per_prompt,
             eval_seed=config.eval.seed,
             output_to_record=save_image,
+            record_to_output=load_image,
             write_files=write_files,
         )
 
@@ -92,3 +93,16 @@ def save_image(output: Any, folder: Path, key: str) -> Any:
     (folder / "images").mkdir(exist_ok=True)
     output.save(folder / "images" / f"{key}.png")
     return f"images/{key}.png"
+
+
+def load_image(record: Any, folder: Path) -> Any:
+    """save_image's record (a path relative to the iteration folder) back into the RGB image it saved (PNG: the same
+    pixels)."""
+    from PIL import Image
+
+    path = folder / record
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise RaftError(f"cannot read the kept image '{path}' back ({error})") from None

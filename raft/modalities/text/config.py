@@ -375,8 +375,8 @@ class PPOSettings:
 PPO_FIXED = {
     "finetune.objective": "ppo", "selection.strategy": "all", "selection.min_reward": None, "kl.beta": 0.0,
     "kl.adaptive": False, "selection.diversity.max_similarity": None, "selection.diversity.max_opening_share": None,
-    "finetune.replay.share": 0.0, "discard.min_words": 0, "discard.max_words": None, "discard.patterns": [],
-    "discard.max_repeated_ngram_fraction": None,
+    "finetune.replay.share": 0.0, "selection.replay_iterations": 0, "discard.min_words": 0, "discard.max_words": None,
+    "discard.patterns": [], "discard.max_repeated_ngram_fraction": None,
 }
 
 
