@@ -160,3 +160,14 @@ def test_kept_image_replay_resumes_exactly(tiny_sd_dir, tiny_clip_dir, tmp_path)
     assert [m["train/steps"] for m in metrics[1:]] == [epochs * -(-sum(kept[1:i + 1]) // batch) for i in (1, 2, 3)]
     got, expected = outcome(runs["killed"]), outcome(runs["uninterrupted"])
     assert got[0] == expected[0] and got[1] == expected[1] and got[2] == expected[2]
+
+
+def test_a_kept_image_that_cannot_be_read_back_is_one_line(tmp_path):
+    from raft.errors import RaftError
+    from raft.modalities.diffusion import load_image, save_image
+
+    record = save_image(Image.new("RGB", (4, 4), (200, 10, 30)), tmp_path, "selected-00000")
+    assert np.array_equal(np.asarray(load_image(record, tmp_path)), np.full((4, 4, 3), (200, 10, 30), np.uint8))
+    (tmp_path / record).write_bytes(b"not a png")  # a truncated or replaced file
+    with pytest.raises(RaftError, match="cannot read the kept image .*selected-00000.png"):
+        load_image(record, tmp_path)
