@@ -36,10 +36,10 @@ def test_two_processes_train_diffusion_like_one(tiny_sd_dir, tiny_clip_dir, tmp_
                 # run directory (the two-process run: after its resume) and broadcasts
                 "selection.replay_iterations=-1",
                 # AdamW at torch's eps (1e-8) scales a weight's tiny gradient up to a step of about the learning rate,
-                # so float rounding there (it differs from one launch to the next, on one process too) became up to
-                # 7e-4 of weight between two launches (a CI failure at the old bound 3e-4). An eps this size keeps
-                # the updates proportional to the gradients, so the comparison below sees the 1-vs-2-process
-                # difference itself, not rounding amplified
+                # so the 1-vs-2-process rounding there became up to 7e-4 of weight (a CI failure at the bound 3e-4;
+                # how much depends on the session's tiny models, whose tokenizer numbers its words differently in
+                # each process: world.build_clip_tokenizer). An eps this size keeps the updates proportional to the
+                # gradients, so the comparison below sees the difference itself, not rounding amplified
                 "finetune.adam_epsilon=1e-4"]
     one, two = tmp_path / "one", tmp_path / "two"
     raft_run([*tiny_diffusion_overrides(tiny_sd_dir, tiny_clip_dir, one), *settings], processes=1)
@@ -94,7 +94,7 @@ def test_two_processes_train_diffusion_like_one(tiny_sd_dir, tiny_clip_dir, tmp_
     print(f"diffusion+lora: largest weight change {moved:.3e}; largest 1-vs-2-process difference {difference:.3e}")
     assert moved > 1e-2  # training moved the weights...
     # ...the same way on 1 and 2 processes (measured with adam_epsilon 1e-4: 3.3e-7 to 2.4e-5 of a change of about
-    # 1e-1, ten launches, most under 1e-6; at torch's eps 1e-8 it was 5.6e-5 to 7.3e-4, rounding amplified, see the
+    # 1e-1, ten sessions, most under 1e-6; at torch's eps 1e-8 it was 5.6e-5 to 7.3e-4, rounding amplified, see the
     # settings). Not 1e-7 as for text: the processes sum gradients in another order. With each process drawing its
     # own noise, the held-out rewards already differed by 0.37 after one iteration.
     assert difference < 3e-4
