@@ -43,6 +43,12 @@ class TrainerSettings:
     warmup_steps: int = 0  # each iteration's first steps ramp the learning rate up linearly
     adam_epsilon: float = 1e-8  # torch's default
 
+    @classmethod
+    def from_finetune_config(cls, config) -> "TrainerSettings":
+        """The settings a `finetune` section (raft.config.FinetuneConfig) gives the trainer."""
+        return cls(config.learning_rate, config.weight_decay, config.max_grad_norm, config.carry_optimizer_state,
+                   config.mixed_precision, config.warmup_steps, config.adam_epsilon)
+
 
 class Trainer:
     """Trains `module` (every parameter that requires grad) with AdamW."""

@@ -66,11 +66,7 @@ class DiffusionFineTuner(FineTuner):
             policy.unet.enable_gradient_checkpointing()
         if not policy.trainable_parameters():
             raise RaftError("finetune: the UNet has no trainable parameters (check finetune.lora.target_modules)")
-        self.trainer = Trainer(policy.unet, TrainerSettings(config.learning_rate, config.weight_decay,
-                                                            config.max_grad_norm, config.carry_optimizer_state,
-                                                            config.mixed_precision, config.warmup_steps,
-                                                            config.adam_epsilon),
-                               checkpoint, policy.device)
+        self.trainer = Trainer(policy.unet, TrainerSettings.from_finetune_config(config), checkpoint, policy.device)
 
     @property
     def optimizer(self):

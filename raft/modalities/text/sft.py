@@ -76,12 +76,7 @@ class TextFineTuner(FineTuner):
                        for t in replay_texts] if config.replay.share > 0 else []
         if config.gradient_checkpointing:
             enable_activation_checkpointing(policy.model)
-        self.trainer = Trainer(policy.model, self.trainer_settings(), checkpoint, policy.device)
-
-    def trainer_settings(self) -> TrainerSettings:
-        c = self.config
-        return TrainerSettings(c.learning_rate, c.weight_decay, c.max_grad_norm, c.carry_optimizer_state,
-                               c.mixed_precision, c.warmup_steps, c.adam_epsilon)
+        self.trainer = Trainer(policy.model, TrainerSettings.from_finetune_config(config), checkpoint, policy.device)
 
     @property
     def optimizer(self):
